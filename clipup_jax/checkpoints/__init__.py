@@ -1,0 +1,1 @@
+"""Checkpoint import, the on-disk format, and (later) upcycling."""

@@ -1,0 +1,123 @@
+"""Turn a dense CLIP from another ecosystem into a clipup checkpoint directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Callable
+
+import numpy as np
+
+from clipup_jax.checkpoints import big_vision, hf, openai
+from clipup_jax.checkpoints.errors import CheckpointError
+from clipup_jax.checkpoints.format import save_checkpoint
+from clipup_jax.checkpoints.tensor_files import read_tensors
+from clipup_jax.config import ConfigError, ModelConfig
+from clipup_jax.data import tokenizer as tokenizer_lib
+
+SOURCES = ("openai", "open_clip", "hf", "big_vision")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportOptions:
+    model: str | None = None  # a preset name: supplies head counts and checks every size
+    tokenizer: pathlib.Path | None = None
+    activation: str | None = None
+    ln_eps: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Imported:
+    config: ModelConfig
+    params: dict[str, np.ndarray]
+    tokenizer: pathlib.Path | None  # a bpe .txt.gz file or an HF tokenizer directory
+    notes: tuple[str, ...] = ()
+
+
+def _from_openai(src: pathlib.Path, opts: ImportOptions) -> Imported:
+    # OpenAI's released models are all QuickGELU with LayerNorm eps 1e-5.
+    return _openai_layout(src, opts, opts.activation or "quick_gelu", opts.ln_eps or 1e-5, {})
+
+
+def _from_open_clip(src: pathlib.Path, opts: ImportOptions) -> Imported:
+    config_file = src.parent / openai.OPEN_CLIP_CONFIG
+    found = openai.read_open_clip_config(config_file) if config_file.is_file() else {}
+    activation = opts.activation or found.get("activation")
+    if activation is None:
+        raise CheckpointError(
+            f"{src}: no {openai.OPEN_CLIP_CONFIG} beside it says which activation the weights need; "
+            "pass --activation (quick_gelu for OpenAI/-quickgelu weights, gelu for LAION)"
+        )
+    heads = {k: found[k] for k in ("vision_heads", "text_heads") if k in found}
+    return _openai_layout(src, opts, activation, opts.ln_eps or 1e-5, heads)
+
+
+def _openai_layout(src: pathlib.Path, opts: ImportOptions, activation: str, ln_eps: float,
+                   heads: dict[str, int]) -> Imported:
+    tensors = read_tensors(src)
+    cfg = openai.infer_config(tensors, str(src), activation, ln_eps, **heads)
+    notes = []
+    if opts.model is not None:
+        cfg = openai.check_against_preset(cfg, opts.model, str(src))
+    elif not heads:
+        notes.append(f"head counts from OpenAI's width/64 rule: vision {cfg.vision.heads}, text {cfg.text.heads} "
+                     "(pass --model PRESET if the file differs)")
+    return Imported(cfg, openai.convert_state_dict(tensors, cfg, str(src)), opts.tokenizer, tuple(notes))
+
+
+def _from_hf(src: pathlib.Path, opts: ImportOptions) -> Imported:
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: --from hf expects a model directory (config.json + weights)")
+    cfg = hf.read_hf_config(src)
+    overrides = {k: v for k, v in (("activation", opts.activation), ("ln_eps", opts.ln_eps)) if v is not None}
+    if overrides:
+        cfg = cfg.replace(**overrides).validate()
+    tensors = hf.to_openai_layout(hf.read_hf_weights(src), str(src))
+    if opts.model is not None:
+        openai.check_against_preset(cfg, opts.model, str(src))
+    tokenizer = opts.tokenizer
+    if tokenizer is None and all((src / f).is_file() for f in hf.TOKENIZER_FILES):
+        tokenizer = src
+    return Imported(cfg, openai.convert_state_dict(tensors, cfg, str(src)), tokenizer)
+
+
+def _from_big_vision(src: pathlib.Path, opts: ImportOptions) -> Imported:
+    cfg, params = big_vision.convert(src, activation=opts.activation, ln_eps=opts.ln_eps)
+    if opts.model is not None:
+        raise CheckpointError("--model does not apply to big_vision files: their architecture comes from the file")
+    return Imported(cfg, params, opts.tokenizer)
+
+
+IMPORTERS: dict[str, Callable[[pathlib.Path, ImportOptions], Imported]] = {
+    "openai": _from_openai,
+    "open_clip": _from_open_clip,
+    "hf": _from_hf,
+    "big_vision": _from_big_vision,
+}
+
+
+def import_checkpoint(source: str, src: str | pathlib.Path, out: str | pathlib.Path, opts: ImportOptions,
+                      force: bool = False) -> Imported:
+    """Reads `src` in the `source` layout and writes a self-describing checkpoint at `out`."""
+    if source not in IMPORTERS:
+        raise CheckpointError(f"unknown source format {source!r}; expected one of {', '.join(SOURCES)}")
+    src, out = pathlib.Path(src), pathlib.Path(out)
+    if out.exists() and not force:  # fail before reading a multi-GB file
+        raise CheckpointError(f"{out}: already exists (pass --force to replace it)")
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or directory")
+    try:
+        imported = IMPORTERS[source](src, opts)
+    except ConfigError as e:
+        raise CheckpointError(f"{src}: {e}") from e
+    tokenizer_files, entry = None, None
+    if imported.tokenizer is not None:
+        tok = tokenizer_lib.Tokenizer.from_path(imported.tokenizer)
+        if tok.vocab_size != imported.config.text.vocab_size:
+            raise CheckpointError(f"{imported.tokenizer}: tokenizer has {tok.vocab_size} tokens but the text tower "
+                                  f"embeds {imported.config.text.vocab_size}")
+        tokenizer_files = tokenizer_lib.source_files(imported.tokenizer)
+        entry = None if imported.tokenizer.is_dir() else imported.tokenizer.name
+    save_checkpoint(out, imported.config, imported.params, force=force, tokenizer_files=tokenizer_files,
+                    tokenizer_entry=entry, source={"format": source, "path": str(src.resolve())})
+    return imported

@@ -1,0 +1,73 @@
+"""Canonical flat parameter names ('visual/encoder/blocks/0/attn/qkv_kernel') and the model they fill.
+
+Importers produce this flat form; the checker compares it with the shapes the
+config implies, so every missing, unexpected or mis-shaped key is reported at once.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clipup_jax.checkpoints.errors import CheckpointError, key_list
+from clipup_jax.config import ModelConfig
+from clipup_jax.models import CLIP
+
+
+def _name(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def abstract_params(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape and dtype of every parameter, without allocating any."""
+    model = nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0)))
+    return {_name(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def logical_axes(cfg: ModelConfig) -> dict[str, tuple[str | None, ...]]:
+    """Logical axis names of every parameter (mapped to mesh axes by the sharding rules)."""
+    model = nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0)))
+    return {_name(path): var.logical_axes for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def check_params(params: Mapping[str, np.ndarray], cfg: ModelConfig, source: str) -> None:
+    expected = abstract_params(cfg)
+    missing = set(expected) - set(params)
+    unexpected = set(params) - set(expected)
+    misshaped = [
+        f"{k} {tuple(params[k].shape)} != {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(params))
+        if tuple(params[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {key_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {key_list(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped {key_list(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{source}: parameters do not match the model config: " + "; ".join(problems))
+
+
+def model_from_params(cfg: ModelConfig, params: Mapping[str, np.ndarray], dtype: jnp.dtype = jnp.float32,
+                      source: str = "params") -> CLIP:
+    """A CLIP holding `params` (checked first), built without a throwaway random init."""
+    check_params(params, cfg, source)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0), dtype)))
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        var.set_value(jnp.asarray(params[_name(path)], jnp.float32))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def params_of(model: CLIP) -> dict[str, np.ndarray]:
+    return {_name(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def count_params(params: Mapping[str, object]) -> int:
+    return int(sum(np.prod(p.shape) for p in params.values()))

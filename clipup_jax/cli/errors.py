@@ -1,0 +1,33 @@
+"""One error-reporting policy for every CLI: one line on stderr, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn
+
+from clipup_jax.checkpoints.errors import CheckpointError
+from clipup_jax.config import ConfigError
+
+# Errors whose message already names the file, key, shape or field at fault.
+USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, ValueError)
+
+
+def run_cli(prog: str, body: Callable[[], int | None]) -> NoReturn:
+    try:
+        code = body() or 0
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {e}".replace("\n", " "), file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the same one-line error format as `run_cli` (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,50 @@
+"""CLIP image preprocessing: bicubic resize of the short side, centre crop, mean/std normalise."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def preprocess(image: Image.Image, size: int) -> np.ndarray:
+    """(size, size, 3) float32 model input from any PIL image, as OpenAI's `_transform` computes it."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    # OpenAI resizes so the short side is exactly `size` (torchvision rounds the long side down).
+    new_w, new_h = (size, int(h * scale)) if w <= h else (int(w * scale), size)
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    pixels = np.asarray(image, np.float32) / 255.0
+    return (pixels - CLIP_MEAN) / CLIP_STD
+
+
+def list_images(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
+    """Image files named directly, plus those in named directories (sorted, so rows are reproducible)."""
+    out: list[pathlib.Path] = []
+    for p in map(pathlib.Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such image file or directory")
+    if not out:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}")
+    return out
+
+
+def load_image(path: pathlib.Path, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return preprocess(image, size)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot decode image ({e})") from e

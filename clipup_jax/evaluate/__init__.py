@@ -1,0 +1,1 @@
+"""Embedding, retrieval and zero-shot evaluation."""

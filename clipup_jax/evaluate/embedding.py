@@ -1,0 +1,48 @@
+"""Batched, jit-compiled feature extraction with a fixed batch shape (one compile per tower)."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from clipup_jax.models import CLIP
+
+
+class Embedder:
+    """Runs `encode_image` / `encode_text` over arrays of any length in padded batches."""
+
+    def __init__(self, model: CLIP, batch_size: int = 64):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        graphdef, state = nnx.split(model)
+        self._state = state
+        self._image = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x))
+        self._text = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_text(x))
+        self.logit_scale = float(np.asarray(model.scale()))
+
+    def images(self, batches: Iterable[np.ndarray]) -> np.ndarray:
+        """Features of (N, H, W, 3) pixel batches, projected and not normalised."""
+        return self._run(self._image, batches)
+
+    def texts(self, batches: Iterable[np.ndarray]) -> np.ndarray:
+        """Features of (N, L) int32 token batches, projected and not normalised."""
+        return self._run(self._text, batches)
+
+    def _run(self, fn: Callable, batches: Iterable[np.ndarray]) -> np.ndarray:
+        out = []
+        for batch in batches:
+            n = batch.shape[0]
+            if n < self.batch_size:  # pad rather than recompile for the last, short batch
+                pad = np.zeros((self.batch_size - n,) + batch.shape[1:], batch.dtype)
+                batch = np.concatenate([batch, pad])
+            out.append(np.asarray(fn(self._state, batch))[:n])
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def chunks(array: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(array), size):
+        yield array[start:start + size]

@@ -1,0 +1,31 @@
+"""Multi-head self-attention with a fused q/k/v kernel (one matmul instead of three)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clipup_jax.models.layers import normal
+
+
+class SelfAttention(nnx.Module):
+    """Kernel layout `(embed, 3, heads, head_dim)`: OpenAI's packed `in_proj_weight` reshaped, q;k;v order."""
+
+    def __init__(self, width: int, heads: int, depth: int, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        head_dim = width // heads
+        self.dtype = dtype
+        self.qkv_kernel = nnx.Param(normal(rngs, (width, 3, heads, head_dim), width**-0.5),
+                                    logical_axes=("embed", None, "heads", "kv"))
+        self.qkv_bias = nnx.Param(jnp.zeros((3, heads, head_dim), jnp.float32), logical_axes=(None, "heads", "kv"))
+        out_std = width**-0.5 * (2 * depth) ** -0.5
+        self.out_kernel = nnx.Param(normal(rngs, (heads, head_dim, width), out_std),
+                                    logical_axes=("heads", "kv", "embed"))
+        self.out_bias = nnx.Param(jnp.zeros((width,), jnp.float32), logical_axes=("embed",))
+
+    def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
+        d = self.dtype
+        qkv = jnp.einsum("btd,dshk->sbthk", x.astype(d), self.qkv_kernel[...].astype(d))
+        qkv = qkv + self.qkv_bias[...].astype(d)[:, None, None]
+        y = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+        return jnp.einsum("bthk,hkd->btd", y, self.out_kernel[...].astype(d)) + self.out_bias[...].astype(d)

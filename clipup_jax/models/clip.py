@@ -1,0 +1,53 @@
+"""The two-tower CLIP model."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clipup_jax.config import ModelConfig
+from clipup_jax.models.layers import LN_100
+from clipup_jax.models.towers import TextTower, VisionTower
+
+
+class CLIPOutput(NamedTuple):
+    image_features: jax.Array  # L2-normalised
+    text_features: jax.Array  # L2-normalised
+    logit_scale: jax.Array  # exp(clamped log scale): multiply cosine similarities by it
+    logit_bias: jax.Array | None
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+class CLIP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        cfg.validate()
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision, cfg.embed_dim, cfg.activation, cfg.ln_eps, rngs, dtype)
+        self.text = TextTower(cfg.text, cfg.embed_dim, cfg.activation, cfg.ln_eps, rngs, dtype)
+        self.logit_scale = nnx.Param(jnp.asarray(np.log(1 / 0.07), jnp.float32), logical_axes=())
+        self.logit_bias = nnx.Param(jnp.asarray(-10.0, jnp.float32), logical_axes=()) if cfg.logit_bias else None
+
+    def encode_image(self, pixels: jax.Array) -> jax.Array:
+        """Projected image features before normalisation, float32."""
+        return self.visual(pixels).astype(jnp.float32)
+
+    def encode_text(self, tokens: jax.Array) -> jax.Array:
+        """Projected text features before normalisation, float32."""
+        return self.text(tokens).astype(jnp.float32)
+
+    def scale(self) -> jax.Array:
+        """exp(logit_scale), clamped at 100 as open_clip does after every step."""
+        return jnp.exp(jnp.minimum(self.logit_scale[...], LN_100))
+
+    def __call__(self, pixels: jax.Array, tokens: jax.Array) -> CLIPOutput:
+        bias = None if self.logit_bias is None else self.logit_bias[...]
+        return CLIPOutput(l2_normalize(self.encode_image(pixels)), l2_normalize(self.encode_text(tokens)),
+                          self.scale(), bias)

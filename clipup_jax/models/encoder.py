@@ -1,0 +1,39 @@
+"""Pre-LN transformer blocks shared by both towers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clipup_jax.config import Activation
+from clipup_jax.models.attention import SelfAttention
+from clipup_jax.models.layers import LayerNorm, Mlp
+
+
+class Block(nnx.Module):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, depth: int, activation: Activation, ln_eps: float,
+                 rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        self.ln_1 = LayerNorm(width, ln_eps)
+        self.attn = SelfAttention(width, heads, depth, rngs, dtype)
+        self.ln_2 = LayerNorm(width, ln_eps)
+        self.mlp = Mlp(width, mlp_dim, depth, activation, rngs, dtype)
+
+    def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Encoder(nnx.Module):
+    def __init__(self, width: int, heads: int, mlp_dim: int, depth: int, activation: Activation, ln_eps: float,
+                 rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        self.blocks = nnx.List(
+            [Block(width, heads, mlp_dim, depth, activation, ln_eps, rngs, dtype) for _ in range(depth)]
+        )
+
+    def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
+        for block in self.blocks:
+            x = block(x, causal)
+        return x

@@ -1,0 +1,20 @@
+"""Run a console-script `main` in-process and capture its exit status and output."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Callable
+
+import pytest
+
+
+def invoke(main: Callable[[list[str]], None], argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return int(exit_info.value.code or 0), out, err
+
+
+def leftovers(directory: pathlib.Path) -> list[str]:
+    """Temporary or partial outputs a failed command must not leave behind."""
+    return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
