@@ -19,7 +19,7 @@ from clipup_jax.config import ConfigError, ModelConfig, TextConfig, VisionConfig
 
 _HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
                    "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "flax_model.msgpack")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 # int64 buffers that older transformers versions saved; not weights.
 _BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
@@ -95,8 +95,23 @@ def read_hf_weights(directory: pathlib.Path) -> dict[str, np.ndarray]:
             for shard in shards:
                 tensors.update(read_tensors(directory / shard))
             return tensors
-        return read_tensors(path)
+        tensors = read_tensors(path)
+        return _torch_names(tensors) if name.endswith(".msgpack") else tensors
     raise CheckpointError(f"{directory}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _torch_names(flax_tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers 4.x `FlaxCLIPModel` weights under the PyTorch names and layouts (Dense kernels are
+    [in, out], the patch conv HWIO; LayerNorm `scale` and Embed `embedding` are torch's `weight`)."""
+    out = {}
+    for key, value in flax_tensors.items():
+        *path, leaf = key.split("/")
+        if leaf == "kernel":
+            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+        if leaf in ("kernel", "scale", "embedding"):
+            leaf = "weight"
+        out[".".join([*path, leaf])] = value
+    return out
 
 
 def to_openai_layout(tensors: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:

@@ -142,3 +142,33 @@ def test_inspect_reports_counts_and_flops(tmp_path, capsys):
     total = sum(p.numel() for n, p in model.named_parameters())
     assert f"total {total:,}" in out
     assert "heads 3" in out and "heads 5" in out and "activation gelu" in out
+
+
+def test_hf_flax_msgpack_without_torch_weights(tmp_path, capsys):
+    """transformers 4.x Flax checkpoints (`flax_model.msgpack`) import with no torch file present."""
+    from flax import serialization
+
+    model = ref.hf_clip(*SHAPES["gelu-odd-heads"], seed=4)
+    src = ref.save_hf(model, tmp_path / "hf")
+    (src / "model.safetensors").unlink()
+    tree: dict = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("position_ids"):
+            continue
+        *path, leaf = key.split(".")
+        value = value.numpy()
+        if leaf == "weight":
+            if "embedding" in path[-1] and "patch" not in path[-1]:
+                leaf = "embedding"
+            elif "norm" in path[-1] or "layrnorm" in path[-1]:
+                leaf = "scale"
+            else:
+                leaf, value = "kernel", (value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T)
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    (src / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(tree))
+    code, out, err = invoke(convert, ["import", "--from", "hf", src, "--out", tmp_path / "ckpt"], capsys)
+    assert code == 0, err
+    _assert_matches(model, tmp_path / "ckpt")
