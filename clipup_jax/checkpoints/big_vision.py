@@ -48,6 +48,7 @@ import re
 import numpy as np
 
 from clipup_jax.checkpoints.errors import CheckpointError, key_list
+from clipup_jax.checkpoints.source_keys import SourceKeys
 from clipup_jax.checkpoints.params import check_params
 from clipup_jax.checkpoints.tensor_files import read_tensors
 from clipup_jax.config import ConfigError, ModelConfig, TextConfig, VisionConfig
@@ -63,41 +64,11 @@ _BLOCK_KEYS = (
 )
 
 
-class _Keys:
-    """Pops tensors by name; missing and left-over keys are reported together at the end."""
-
-    def __init__(self, tensors: dict[str, np.ndarray], source: str):
-        self.tensors = dict(tensors)
-        self.source = source
-        self.missing: list[str] = []
-
-    def take(self, key: str) -> np.ndarray | None:
-        if key not in self.tensors:
-            self.missing.append(key)
-            return None
-        return self.tensors.pop(key)
-
-    def pop_optional(self, key: str) -> np.ndarray | None:
-        return self.tensors.pop(key, None)
-
-    def fail(self, message: str) -> CheckpointError:
-        return CheckpointError(f"{self.source}: {message}")
-
-    def finish(self) -> None:
-        problems = []
-        if self.missing:
-            problems.append(f"missing {key_list(self.missing)}")
-        if self.tensors:
-            problems.append(f"unexpected {key_list(self.tensors)}")
-        if problems:
-            raise self.fail("not a supported big_vision two-tower checkpoint: " + "; ".join(problems))
-
-
 def _shape(x: np.ndarray | None) -> tuple[int, ...]:
     return () if x is None else tuple(x.shape)
 
 
-def _lead_one(keys: _Keys, key: str, x: np.ndarray | None, ndim: int) -> np.ndarray | None:
+def _lead_one(keys: SourceKeys, key: str, x: np.ndarray | None, ndim: int) -> np.ndarray | None:
     """Drops big_vision's leading batch-of-one axis (`[1, N, D]` pos-embs, `[1, 1, D]` cls)."""
     if x is None:
         return None
@@ -106,13 +77,13 @@ def _lead_one(keys: _Keys, key: str, x: np.ndarray | None, ndim: int) -> np.ndar
     return x[0]
 
 
-def _refuse(keys: _Keys, prefix: str, why: str) -> None:
+def _refuse(keys: SourceKeys, prefix: str, why: str) -> None:
     found = [k for k in keys.tensors if k.startswith(prefix + "/")]
     if found:
         raise keys.fail(f"{prefix} ({key_list(found, limit=3)}): {why}")
 
 
-def _blocks(keys: _Keys, enc: str) -> list[dict[str, np.ndarray | None]]:
+def _blocks(keys: SourceKeys, enc: str) -> list[dict[str, np.ndarray | None]]:
     """Per-block tensors from an unrolled (`encoderblock_{i}`) or scanned (`encoderblock`) encoder."""
     scanned = [k for k in keys.tensors if k.startswith(f"{enc}/encoderblock/")]
     pattern = re.compile(re.escape(enc) + r"/encoderblock_(\d+)/")
@@ -130,7 +101,7 @@ def _blocks(keys: _Keys, enc: str) -> list[dict[str, np.ndarray | None]]:
     return [{n: None if v is None else v[i] for n, v in stacked.items()} for i in range(depth)]
 
 
-def _encoder(keys: _Keys, enc: str, dst: str, out: dict[str, np.ndarray]) -> tuple[int, int, int]:
+def _encoder(keys: SourceKeys, enc: str, dst: str, out: dict[str, np.ndarray]) -> tuple[int, int, int]:
     """Maps the blocks of one tower into `out`; returns (depth, heads, mlp_dim) from block 0."""
     blocks = _blocks(keys, enc)
     for i, b in enumerate(blocks):
@@ -159,7 +130,7 @@ def _encoder(keys: _Keys, enc: str, dst: str, out: dict[str, np.ndarray]) -> tup
     return len(blocks), heads[0], mlp[0]
 
 
-def _leaves(keys: _Keys, src: str, dst: str, leaves: tuple[str, ...], out: dict[str, np.ndarray],
+def _leaves(keys: SourceKeys, src: str, dst: str, leaves: tuple[str, ...], out: dict[str, np.ndarray],
             join: str = "/") -> None:
     for leaf in leaves:
         x = keys.take(f"{src}/{leaf}")
@@ -167,7 +138,7 @@ def _leaves(keys: _Keys, src: str, dst: str, leaves: tuple[str, ...], out: dict[
             out[f"{dst}{join}{leaf}"] = x
 
 
-def _require_head(keys: _Keys, tower: str, other: str) -> None:
+def _require_head(keys: SourceKeys, tower: str, other: str) -> None:
     if not any(k.startswith(f"{tower}/head/") for k in keys.tensors):
         raise keys.fail(f"{tower}/head is missing: without a projection head the {tower} features are not in "
                         f"a joint space with the {other} features")
@@ -184,7 +155,7 @@ def _strip_params_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return {k.removeprefix("params/"): v for k, v in tensors.items()}
 
 
-def _image_tower(keys: _Keys, out: dict[str, np.ndarray]) -> tuple[VisionConfig, int]:
+def _image_tower(keys: SourceKeys, out: dict[str, np.ndarray]) -> tuple[VisionConfig, int]:
     _refuse(keys, "img/MAPHead_0", "MAP (attention-pooling) heads, as in SigLIP image towers, are not supported")
     _refuse(keys, "img/pre_logits", "a pre_logits (rep_size) layer before the head is not supported")
     _require_head(keys, "img", "txt")
@@ -223,7 +194,7 @@ def _image_tower(keys: _Keys, out: dict[str, np.ndarray]) -> tuple[VisionConfig,
     return vision, _out_dim(out, "visual/proj/kernel")
 
 
-def _text_tower(keys: _Keys, out: dict[str, np.ndarray]) -> tuple[TextConfig, int]:
+def _text_tower(keys: SourceKeys, out: dict[str, np.ndarray]) -> tuple[TextConfig, int]:
     _refuse(keys, "txt/MAPHead_0", "MAP (attention-pooling) text heads are not supported")
     _require_head(keys, "txt", "img")
     embed = keys.take("txt/Embed_0/embedding")
@@ -248,7 +219,7 @@ def _text_tower(keys: _Keys, out: dict[str, np.ndarray]) -> tuple[TextConfig, in
     return text, _out_dim(out, "text/proj/kernel")
 
 
-def _scalar(keys: _Keys, key: str, x: np.ndarray | None) -> np.ndarray | None:
+def _scalar(keys: SourceKeys, key: str, x: np.ndarray | None) -> np.ndarray | None:
     if x is not None and x.size != 1:
         raise keys.fail(f"{key} has shape {tuple(x.shape)}; expected a single value")
     return None if x is None else x.reshape(())
@@ -259,7 +230,7 @@ def convert(src: pathlib.Path, activation: str | None = None,
     """Reads a big_vision two-tower `.npz` and returns its config and canonical flat params."""
     src = pathlib.Path(src)
     source = str(src)
-    keys = _Keys(_strip_params_prefix(read_tensors(src)), source)
+    keys = SourceKeys(_strip_params_prefix(read_tensors(src)), source, "a supported big_vision two-tower checkpoint")
     out: dict[str, np.ndarray] = {}
     vision, img_dim = _image_tower(keys, out)
     text, txt_dim = _text_tower(keys, out)

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from clipup_jax.checkpoints.errors import CheckpointError, key_list
+from clipup_jax.checkpoints.errors import CheckpointError
+from clipup_jax.checkpoints.source_keys import SourceKeys
 from clipup_jax.config import ConfigError, ModelConfig, TextConfig, VisionConfig, preset
 
 JIT_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # TorchScript archive buffers, not weights
@@ -29,28 +30,15 @@ _UNSUPPORTED_OPEN_CLIP = {
 }
 
 
-class _Keys:
-    """Pops source tensors by name, recording every key that is absent or left over."""
+class _Keys(SourceKeys):
+    """Missing keys read as an empty array so the mapping runs on and every problem is listed at once."""
 
     def __init__(self, tensors: dict[str, np.ndarray], source: str):
-        self.tensors = dict(tensors)
-        self.source = source
-        self.missing: list[str] = []
+        super().__init__(tensors, source, "an OpenAI/open_clip ViT CLIP state dict")
 
     def take(self, key: str) -> np.ndarray:
-        if key not in self.tensors:
-            self.missing.append(key)
-            return np.zeros((0,), np.float32)
-        return self.tensors.pop(key)
-
-    def finish(self) -> None:
-        problems = []
-        if self.missing:
-            problems.append(f"missing {key_list(self.missing)}")
-        if self.tensors:
-            problems.append(f"unexpected {key_list(self.tensors)}")
-        if problems:
-            raise CheckpointError(f"{self.source}: not an OpenAI/open_clip ViT CLIP state dict: " + "; ".join(problems))
+        x = super().take(key)
+        return np.zeros((0,), np.float32) if x is None else x
 
 
 def _shape(tensors: dict[str, np.ndarray], key: str, source: str) -> tuple[int, ...]:

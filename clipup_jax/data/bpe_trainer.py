@@ -24,6 +24,7 @@ from clipup_jax.data.tokenizer import (
     byte_encode,
     clean_text,
     clip_vocab,
+    merge_pair,
     pre_tokenize,
 )
 
@@ -78,21 +79,11 @@ def train_bpe(texts: Iterable[str], num_merges: int, *, min_frequency: int = 1) 
         if -neg < max(min_frequency, 1):
             break
         merges.append(pair)
-        first, second = pair
-        merged = first + second
         changed: set[tuple[str, str]] = set()
         for idx in sorted(where.pop(pair)):
             word = words[idx]
-            new: list[str] = []
-            i, n = 0, len(word)
-            while i < n:
-                if i < n - 1 and word[i] == first and word[i + 1] == second:
-                    new.append(merged)
-                    i += 2
-                else:
-                    new.append(word[i])
-                    i += 1
-            if len(new) == n:
+            new = merge_pair(word, pair)
+            if len(new) == len(word):
                 continue  # index entry was stale: pair no longer in this word
             old_pairs, new_pairs = _pairs(word), _pairs(new)
             freq = freqs[idx]

@@ -141,6 +141,21 @@ def source_files(path: PathLike) -> list[pathlib.Path]:
     return [path]
 
 
+def merge_pair(word: list[str], pair: tuple[str, str]) -> list[str]:
+    """`word` with every non-overlapping occurrence of `pair` (left to right) joined into one symbol."""
+    first, second = pair
+    out: list[str] = []
+    i, n = 0, len(word)
+    while i < n:
+        if i < n - 1 and word[i] == first and word[i + 1] == second:
+            out.append(first + second)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
 class Tokenizer:
     """CLIP tokenizer: ``tok(texts) -> int32 (N, context_length)`` of ``[SOT] ids [EOT] 0 0 ...``."""
 
@@ -236,18 +251,7 @@ class Tokenizer:
                     best_rank, best = r, pair
             if best is None:
                 break
-            first, second = best
-            merged = first + second
-            out: list[str] = []
-            i, n = 0, len(word)
-            while i < n:
-                if i < n - 1 and word[i] == first and word[i + 1] == second:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            word = out
+            word = merge_pair(word, best)
         return word
 
     def _encode_piece(self, piece: str) -> tuple[int, ...]:
