@@ -20,17 +20,42 @@ class ConfigError(ValueError):
     """A model config that cannot describe a valid CLIP; the message names the field."""
 
 
+ROUTERS: tuple[str, ...] = ("top_k", "expert_choice")
+DISPATCHES: tuple[str, ...] = ("einsum", "sorted", "dense_reference")
+GROUPED_MATMULS: tuple[str, ...] = ("padded", "ragged_dot", "pallas")
+EP_TRANSPORTS: tuple[str, ...] = ("all_to_all", "allgather")
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEPlan:
-    """Which blocks of a tower are Mixture-of-Experts layers, and how many experts.
+    """Which blocks of a tower are Mixture-of-Experts layers, and how they route and dispatch.
 
     `layers` is `every_2` (blocks 1, 3, 5, ... as in sparse upcycling),
     `last_N` (the last N blocks) or an explicit tuple of block indices.
+    Routing groups are single samples (one image or one caption), so capacity
+    and batch-prioritised routing act within a sample, as in V-MoE.
     """
 
     layers: str | tuple[int, ...] = "every_2"
     num_experts: int = 8
     top_k: int = 2
+    router: str = "top_k"  # or "expert_choice" (each expert takes its top-C tokens; image tower only)
+    renormalize_gates: bool = True  # gates sum to 1 over the chosen k: upcycled models then start function-preserving
+    batch_priority: bool = False  # V-MoE BPR: high-confidence tokens claim buffer slots first
+    router_noise_std: float = 0.0  # added to router logits in training only
+    router_init_std: float = 0.02
+    capacity_factor: float | None = 1.25  # training; None = dropless
+    eval_capacity_factor: float | None = 2.0
+    dispatch: str = "einsum"
+    grouped_matmul: str = "padded"  # the `sorted` dispatch's grouped matmul
+    ep_transport: str = "all_to_all"  # how tokens reach experts when the mesh has an `expert` axis > 1
+    load_balancing_weight: float = 0.01  # Switch
+    z_loss_weight: float = 0.001  # ST-MoE
+    importance_weight: float = 0.0  # V-MoE
+    load_weight: float = 0.0  # V-MoE (needs router noise)
+    local_entropy_weight: float = 0.0  # LIMoE
+    global_entropy_weight: float = 0.0  # LIMoE
+    global_entropy_threshold: float | None = None
 
     def layer_indices(self, depth: int) -> tuple[int, ...]:
         if isinstance(self.layers, str):
@@ -56,6 +81,25 @@ class MoEPlan:
             raise ConfigError(f"moe.num_experts={self.num_experts}: must be >= 1")
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"moe.top_k={self.top_k}: must be in 1..num_experts ({self.num_experts})")
+        for name, value, allowed in (("router", self.router, ROUTERS), ("dispatch", self.dispatch, DISPATCHES),
+                                     ("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS),
+                                     ("ep_transport", self.ep_transport, EP_TRANSPORTS)):
+            if value not in allowed:
+                raise ConfigError(f"moe.{name}={value!r}: expected one of {', '.join(allowed)}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"moe.{name}={value}: must be > 0 (or None for dropless)")
+        if self.router == "expert_choice" and (self.capacity_factor is None or self.eval_capacity_factor is None):
+            raise ConfigError("moe.router='expert_choice' needs capacity factors: each expert takes a fixed count")
+        weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_weight")]
+        negative = [w for w in weights if getattr(self, w) < 0]
+        if negative:
+            raise ConfigError(f"moe: aux-loss weights {negative} must be >= 0")
+        if self.router_noise_std < 0 or self.router_init_std < 0:
+            raise ConfigError("moe.router_noise_std and moe.router_init_std must be >= 0")
+        if self.load_weight > 0 and self.router_noise_std == 0:
+            raise ConfigError("moe.load_weight > 0 needs moe.router_noise_std > 0 (the load estimator is noise-based)")
         self.layer_indices(depth)
 
 
@@ -124,6 +168,9 @@ class TextConfig:
             raise ConfigError(f"text.pool={self.pool!r}: expected 'argmax' or 'last'")
         if self.moe is not None:
             self.moe.validate(self.depth)
+            if self.causal and self.moe.router == "expert_choice":
+                raise ConfigError("text.moe.router='expert_choice' would let a token's routing depend on later "
+                                  "tokens, breaking the causal mask; use 'top_k' for text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +183,7 @@ class ModelConfig:
     activation: Activation = "quick_gelu"
     ln_eps: float = 1e-5
     logit_bias: bool = False  # SigLIP-style learnable bias on the logits
+    shared_backbone: bool = False  # LIMoE: one transformer (and its MoE layers) serves both modalities
 
     def validate(self) -> "ModelConfig":
         if self.activation not in ACTIVATIONS:
@@ -145,7 +193,16 @@ class ModelConfig:
         _check_positive(self, "model", ("embed_dim",))
         self.vision.validate()
         self.text.validate()
+        if self.shared_backbone:
+            fields = ("width", "depth", "heads", "mlp_dim", "moe")
+            differ = [f for f in fields if getattr(self.vision, f) != getattr(self.text, f)]
+            if differ:
+                raise ConfigError(f"shared_backbone=True needs equal vision/text {', '.join(differ)}")
         return self
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.vision.moe is not None or self.text.moe is not None
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -109,7 +109,7 @@ def save_checkpoint(out: str | pathlib.Path, config: ModelConfig, params: Mappin
             tokenizer_rel = TOKENIZER_DIR if tokenizer_entry is None else f"{TOKENIZER_DIR}/{tokenizer_entry}"
         metadata = {
             "format_version": FORMAT_VERSION,
-            "kind": "dense",
+            "kind": "sparse" if config.is_sparse else "dense",
             "model": config.to_dict(),
             "dtype": "float32",
             "source": dict(source),

@@ -58,11 +58,13 @@ def model_from_params(cfg: ModelConfig, params: Mapping[str, np.ndarray], dtype:
                       source: str = "params") -> CLIP:
     """A CLIP holding `params` (checked first), built without a throwaway random init."""
     check_params(params, cfg, source)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0), dtype)))
+    graphdef, state, rest = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0), dtype)), nnx.Param, ...)
     flat = nnx.to_flat_state(state)
     for path, var in flat:
         var.set_value(jnp.asarray(params[_name(path)], jnp.float32))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    # Non-parameter state (router-noise RNG streams) is small: materialise it from the abstract init.
+    rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a, rest)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
 
 
 def params_of(model: CLIP) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from clipup_jax.config import ModelConfig
+from clipup_jax.models.encoder import Encoder
 from clipup_jax.models.layers import LN_100
 from clipup_jax.models.towers import TextTower, VisionTower
 
@@ -30,8 +31,12 @@ class CLIP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
         cfg.validate()
         self.cfg = cfg
-        self.visual = VisionTower(cfg.vision, cfg.embed_dim, cfg.activation, cfg.ln_eps, rngs, dtype)
-        self.text = TextTower(cfg.text, cfg.embed_dim, cfg.activation, cfg.ln_eps, rngs, dtype)
+        shared = None
+        if cfg.shared_backbone:  # validated: both towers have the same encoder shape and MoE plan
+            v = cfg.vision
+            shared = Encoder(v.width, v.heads, v.mlp_dim, v.depth, cfg.activation, cfg.ln_eps, rngs, dtype, v.moe)
+        self.visual = VisionTower(cfg.vision, cfg.embed_dim, cfg.activation, cfg.ln_eps, rngs, dtype, shared)
+        self.text = TextTower(cfg.text, cfg.embed_dim, cfg.activation, cfg.ln_eps, rngs, dtype, shared)
         self.logit_scale = nnx.Param(jnp.asarray(np.log(1 / 0.07), jnp.float32), logical_axes=())
         self.logit_bias = nnx.Param(jnp.asarray(-10.0, jnp.float32), logical_axes=()) if cfg.logit_bias else None
 

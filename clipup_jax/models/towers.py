@@ -6,22 +6,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from clipup_jax.config import Activation, ConfigError, TextConfig, VisionConfig
+from clipup_jax.config import Activation, TextConfig, VisionConfig
 from clipup_jax.models.encoder import Encoder
 from clipup_jax.models.layers import LayerNorm, Projection, normal
-
-
-def _refuse_moe(plan: object, tower: str) -> None:
-    if plan is not None:
-        raise ConfigError(f"{tower}.moe is set, but these towers are dense; MoE layers need the sparse model")
 
 
 class VisionTower(nnx.Module):
     """Patchify (a bias-free conv as one matmul), [cls], +pos, ln_pre, blocks, ln_post, pool, project."""
 
     def __init__(self, cfg: VisionConfig, embed_dim: int, activation: Activation, ln_eps: float, rngs: nnx.Rngs,
-                 dtype: jnp.dtype = jnp.float32):
-        _refuse_moe(cfg.moe, "vision")
+                 dtype: jnp.dtype = jnp.float32, encoder: Encoder | None = None):
         self.cfg = cfg
         self.dtype = dtype
         w, p = cfg.width, cfg.patch_size
@@ -34,7 +28,10 @@ class VisionTower(nnx.Module):
         )
         self.pos_embed = nnx.Param(normal(rngs, (cfg.num_positions, w), scale), logical_axes=(None, "embed"))
         self.ln_pre = LayerNorm(w, ln_eps) if cfg.ln_pre else None
-        self.encoder = Encoder(w, cfg.heads, cfg.mlp_dim, cfg.depth, activation, ln_eps, rngs, dtype)
+        # `encoder` is given when both towers share one backbone (LIMoE-style).
+        if encoder is None:
+            encoder = Encoder(w, cfg.heads, cfg.mlp_dim, cfg.depth, activation, ln_eps, rngs, dtype, cfg.moe)
+        self.encoder = encoder
         self.ln_post = LayerNorm(w, ln_eps)
         self.proj = Projection(w, embed_dim, cfg.proj_bias, rngs, dtype)
 
@@ -70,14 +67,16 @@ class TextTower(nnx.Module):
     """Token + position embedding, causal blocks, ln_final, pool at EOT (argmax id), project."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int, activation: Activation, ln_eps: float, rngs: nnx.Rngs,
-                 dtype: jnp.dtype = jnp.float32):
-        _refuse_moe(cfg.moe, "text")
+                 dtype: jnp.dtype = jnp.float32, encoder: Encoder | None = None):
         self.cfg = cfg
         self.dtype = dtype
         w = cfg.width
         self.token_embed = nnx.Param(normal(rngs, (cfg.vocab_size, w), 0.02), logical_axes=("vocab", "embed"))
         self.pos_embed = nnx.Param(normal(rngs, (cfg.context_length, w), 0.01), logical_axes=(None, "embed"))
-        self.encoder = Encoder(w, cfg.heads, cfg.mlp_dim, cfg.depth, activation, ln_eps, rngs, dtype)
+        # `encoder` is given when both towers share one backbone (LIMoE-style).
+        if encoder is None:
+            encoder = Encoder(w, cfg.heads, cfg.mlp_dim, cfg.depth, activation, ln_eps, rngs, dtype, cfg.moe)
+        self.encoder = encoder
         self.ln_final = LayerNorm(w, ln_eps)
         self.proj = Projection(w, embed_dim, cfg.proj_bias, rngs, dtype)
 

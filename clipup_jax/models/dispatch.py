@@ -1,0 +1,151 @@
+"""Moving tokens to experts and back: every path computes the same function.
+
+Shapes: `x` is (G, S, D), G routing groups (samples) of S tokens; routing
+arrays carry the same leading (G, S) axes (`jax.vmap` of the routers). Expert
+weights are stacked on a leading expert axis (`ExpertWeights`).
+
+* `einsum`: one-hot dispatch/combine tensors (G, S, E, C); the GShard/V-MoE
+  reference with capacity, fine for small E.
+* `padded`: the same buffers (E, G*C, D) built by scatter and read back by
+  gather, with no one-hot matmuls: the fast CPU choice (and the layout the
+  expert-parallel all-to-all ships).
+* `sorted`: assignments sorted by expert and a grouped matmul (`ragged_dot` or
+  the Pallas kernel); dropless when routing was (capacity = S).
+* `dense_reference`: every expert on every token, weighted by the combine
+  weights; float32, for tests.
+
+Dropped assignments (gate 0) contribute nothing, so a dropped token passes
+through the residual only. Experts that receive no token get exactly zero
+gradient on every path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from clipup_jax.models.grouped_matmul import GROUPED_MATMULS
+from clipup_jax.models.routing import ExpertChoice, Routing
+
+
+class ExpertWeights(NamedTuple):
+    fc1: jax.Array  # (E, D, F)
+    b1: jax.Array  # (E, F)
+    fc2: jax.Array  # (E, F, D)
+    b2: jax.Array  # (E, D)
+
+
+Activation = Callable[[jax.Array], jax.Array]
+
+
+def expert_mlp(h: jax.Array, w: ExpertWeights, act: Activation) -> jax.Array:
+    """(E, N, D) per-expert buffers through each expert's MLP: two batched matmuls."""
+    dtype = h.dtype
+    z = jnp.einsum("end,edf->enf", h, w.fc1.astype(dtype)) + w.b1.astype(dtype)[:, None]
+    return jnp.einsum("enf,efd->end", act(z), w.fc2.astype(dtype)) + w.b2.astype(dtype)[:, None]
+
+
+def _flat_slots(r: Routing, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """(G, S, k) buffer row g*C + slot of each assignment (one past the end where dropped: negative
+    indices would wrap), and its combine weight (0 where dropped)."""
+    num_groups = r.slot.shape[0]
+    groups = jnp.arange(num_groups, dtype=jnp.int32)[:, None, None]
+    row = jnp.where(r.kept, groups * capacity + r.slot, num_groups * capacity)
+    return row, jnp.where(r.kept, r.gate, 0.0)
+
+
+def to_buffers(x: jax.Array, r: Routing, capacity: int, num_experts: int) -> jax.Array:
+    """Scatter kept assignments into per-expert buffers (E, G*C, D); empty slots stay zero."""
+    g, s, d = x.shape
+    row, _ = _flat_slots(r, capacity)
+    k = r.expert_index.shape[-1]
+    tokens = jnp.broadcast_to(x[:, :, None, :], (g, s, k, d))
+    buffers = jnp.zeros((num_experts, g * capacity, d), x.dtype)
+    # Each (expert, row) is claimed by at most one assignment; dropped ones fall outside and are skipped.
+    return buffers.at[r.expert_index, row].add(tokens, mode="drop")
+
+
+def from_buffers(out: jax.Array, r: Routing, capacity: int) -> jax.Array:
+    """Gather each assignment's expert output and combine with its gate: (G, S, D)."""
+    row, gate = _flat_slots(r, capacity)
+    picked = out.at[r.expert_index, row].get(mode="fill", fill_value=0)  # (G, S, k, D)
+    return jnp.einsum("gskd,gsk->gsd", picked, gate.astype(out.dtype))
+
+
+def padded(x: jax.Array, r: Routing, capacity: int, w: ExpertWeights, act: Activation) -> jax.Array:
+    buffers = to_buffers(x, r, capacity, w.fc1.shape[0])
+    return from_buffers(expert_mlp(buffers, w, act), r, capacity)
+
+
+def einsum(x: jax.Array, r: Routing, capacity: int, w: ExpertWeights, act: Activation) -> jax.Array:
+    g, s, d = x.shape
+    e = w.fc1.shape[0]
+    onehot = (jax.nn.one_hot(r.expert_index, e, dtype=x.dtype)[..., None]
+              * jax.nn.one_hot(jnp.where(r.kept, r.slot, capacity), capacity, dtype=x.dtype)[..., None, :])
+    dispatch = onehot.sum(axis=2)  # (G, S, E, C): a slot holds at most one assignment
+    combine = jnp.einsum("gskec,gsk->gsec", onehot, jnp.where(r.kept, r.gate, 0.0).astype(x.dtype))
+    buffers = jnp.einsum("gsec,gsd->egcd", dispatch, x).reshape(e, g * capacity, d)
+    out = expert_mlp(buffers, w, act).reshape(e, g, capacity, d)
+    return jnp.einsum("gsec,egcd->gsd", combine, out)
+
+
+def sorted_grouped(x: jax.Array, r: Routing, w: ExpertWeights, act: Activation, backend: str) -> jax.Array:
+    """Sort (token, choice) rows by expert, two grouped matmuls, scatter back weighted by the gates."""
+    g, s, d = x.shape
+    e = w.fc1.shape[0]
+    gmm = GROUPED_MATMULS[backend]
+    k = r.expert_index.shape[-1]
+    expert = jnp.where(r.kept, r.expert_index, e).reshape(-1)  # dropped rows sort last
+    token = jnp.broadcast_to(jnp.arange(g * s, dtype=jnp.int32).reshape(g, s, 1), (g, s, k)).reshape(-1)
+    gate = jnp.where(r.kept, r.gate, 0.0).reshape(-1)
+    order = jnp.argsort(expert, stable=True)
+    expert, token, gate = expert[order], token[order], gate[order]
+    kept = expert < e
+    sizes = jnp.bincount(expert, length=e + 1)
+    # Dropped rows (zeros in, gate 0 out) join the last group so the groups cover every row: grouped-matmul
+    # kernels leave rows outside all groups undefined, and zero rows add nothing to any gradient.
+    sizes = sizes[:e].at[e - 1].add(sizes[e])
+    rows = jnp.where(kept[:, None], x.reshape(g * s, d)[token], 0)
+    bias_index = jnp.minimum(expert, e - 1)
+    dtype = x.dtype
+    h = gmm(rows, w.fc1.astype(dtype), sizes) + w.b1.astype(dtype)[bias_index]
+    out = gmm(act(h), w.fc2.astype(dtype), sizes) + w.b2.astype(dtype)[bias_index]
+    y = jnp.zeros((g * s, d), dtype).at[token].add(out * gate[:, None].astype(dtype))
+    return y.reshape(g, s, d)
+
+
+def combine_weights(r: Routing, num_experts: int) -> jax.Array:
+    """(G, S, E) weight of each expert in each token's output (zero off the kept top-k)."""
+    onehot = jax.nn.one_hot(r.expert_index, num_experts, dtype=jnp.float32)
+    return jnp.einsum("gske,gsk->gse", onehot, jnp.where(r.kept, r.gate, 0.0))
+
+
+def dense_reference(x: jax.Array, weights: jax.Array, w: ExpertWeights, act: Activation) -> jax.Array:
+    """Every expert on every token in float32, mixed by `weights` (G, S, E)."""
+    g, s, d = x.shape
+    e = w.fc1.shape[0]
+    f32 = ExpertWeights(*(a.astype(jnp.float32) for a in w))
+    everything = jnp.broadcast_to(x.astype(jnp.float32).reshape(1, g * s, d), (e, g * s, d))
+    out = expert_mlp(everything, f32, act).reshape(e, g, s, d)
+    return jnp.einsum("gse,egsd->gsd", weights, out).astype(x.dtype)
+
+
+def expert_choice(x: jax.Array, ec: ExpertChoice, w: ExpertWeights, act: Activation) -> jax.Array:
+    """Each expert gathers its chosen tokens (G, E, C); outputs are scattered back weighted by the gates."""
+    g, s, d = x.shape
+    e, c = ec.token_index.shape[-2:]
+    buffers = jnp.take_along_axis(x[:, None], ec.token_index[..., None], axis=2)  # (G, E, C, D)
+    out = expert_mlp(buffers.transpose(1, 0, 2, 3).reshape(e, g * c, d), w, act).reshape(e, g, c, d)
+    out = out.transpose(1, 0, 2, 3) * ec.gate[..., None].astype(x.dtype)
+    groups = jnp.arange(g)[:, None, None]
+    return jnp.zeros_like(x).at[groups, ec.token_index].add(out)
+
+
+def expert_choice_weights(ec: ExpertChoice, seq_len: int) -> jax.Array:
+    """(G, S, E) combine weights of expert-choice routing, for the dense reference."""
+    g, e, c = ec.token_index.shape
+    groups = jnp.arange(g)[:, None, None]
+    experts = jnp.arange(e)[None, :, None]
+    return jnp.zeros((g, seq_len, e), jnp.float32).at[groups, ec.token_index, experts].add(ec.gate)

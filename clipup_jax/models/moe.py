@@ -1,0 +1,138 @@
+"""The MoE MLP: router + dispatch + experts stacked on a leading `expert` axis.
+
+Parameter names mirror the dense `Mlp` (`fc1_kernel` (D, F) becomes (E, D, F)),
+so upcycling is a tiling of the dense tree plus a new `router_kernel`.
+Routing groups are samples: an image's patches or a caption's tokens.
+
+Inside `nnx.capture(..., nnx.Intermediate)` each call records its routing
+metrics and aux losses with `sow` ('moe'); `moe_aux` turns the captured state
+into the one weighted `aux_loss` the training loss adds. Outside a capture
+(inference) nothing is computed or stored.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clipup_jax.config import Activation, MoEPlan
+from clipup_jax.models import aux_losses, dispatch, routing
+from clipup_jax.models.layers import activation_fn, normal
+
+METRICS = "moe"
+
+
+class MoeMlp(nnx.Module):
+    def __init__(self, width: int, mlp_dim: int, depth: int, activation: Activation, plan: MoEPlan,
+                 rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32):
+        e = plan.num_experts
+        self.plan = plan
+        self.activation = activation
+        self.dtype = dtype
+        self.deterministic = True  # eval capacity, no router noise; `model.train()` flips it
+        self.router_kernel = nnx.Param(normal(rngs, (width, e), plan.router_init_std), logical_axes=("embed", None))
+        self.fc1_kernel = nnx.Param(normal(rngs, (e, width, mlp_dim), (2 * width) ** -0.5),
+                                    logical_axes=("expert", "embed", "mlp"))
+        self.fc1_bias = nnx.Param(jnp.zeros((e, mlp_dim), jnp.float32), logical_axes=("expert", "mlp"))
+        proj_std = width**-0.5 * (2 * depth) ** -0.5
+        self.fc2_kernel = nnx.Param(normal(rngs, (e, mlp_dim, width), proj_std), logical_axes=("expert", "mlp", "embed"))
+        self.fc2_bias = nnx.Param(jnp.zeros((e, width), jnp.float32), logical_axes=("expert", "embed"))
+        self.rngs = rngs["router"].fork() if plan.router_noise_std > 0 else nnx.data(None)
+
+    def weights(self) -> dispatch.ExpertWeights:
+        return dispatch.ExpertWeights(self.fc1_kernel[...], self.fc1_bias[...], self.fc2_kernel[...],
+                                      self.fc2_bias[...])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (G, S, D), one routing group per sample."""
+        plan = self.plan
+        g, s, _ = x.shape
+        e = plan.num_experts
+        train = not self.deterministic
+        factor = plan.capacity_factor if train else plan.eval_capacity_factor
+        logits = x.astype(jnp.float32) @ self.router_kernel[...].astype(jnp.float32)
+        act, w = activation_fn(self.activation), self.weights()
+        x = x.astype(self.dtype)
+        if plan.router == "expert_choice":
+            c = routing.capacity(s, e, 1, factor)
+            ec = jax.vmap(lambda lg: routing.expert_choice_routing(lg, c))(logits)
+            if plan.dispatch == "dense_reference":
+                y = dispatch.dense_reference(x, dispatch.expert_choice_weights(ec, s), w, act)
+            else:
+                y = dispatch.expert_choice(x, ec, w, act)
+            self._record(ec.probs, ec.logits, None, load=self._ec_load(ec), dropped=jax.vmap(routing.unchosen_fraction)(ec))
+            return y
+        c = routing.capacity(s, e, plan.top_k, factor)
+        noise = plan.router_noise_std if train else 0.0
+        keys = jax.random.split(self.rngs(), g) if noise > 0 else None
+        route = jax.vmap(lambda lg, key: routing.top_k_routing(
+            lg, plan.top_k, c, renormalize=plan.renormalize_gates, batch_priority=plan.batch_priority,
+            noise_std=noise, rng=key), in_axes=(0, 0 if keys is not None else None))
+        r = route(logits, keys)
+        y = self._dispatch(x, r, c, w, act)
+        counts = jax.vmap(lambda rr: routing.assignment_counts(rr, e))(r).sum(0)
+        self._record(r.probs, r.logits, r, load=counts / jnp.maximum(counts.sum(), 1),
+                     dropped=jax.vmap(routing.drop_fraction)(r))
+        return y
+
+    def _dispatch(self, x: jax.Array, r: routing.Routing, c: int, w: dispatch.ExpertWeights, act) -> jax.Array:
+        plan = self.plan
+        if plan.dispatch == "dense_reference":
+            return dispatch.dense_reference(x, dispatch.combine_weights(r, plan.num_experts), w, act)
+        if plan.dispatch == "einsum":
+            return dispatch.einsum(x, r, c, w, act)
+        if plan.grouped_matmul == "padded":
+            return dispatch.padded(x, r, c, w, act)
+        return dispatch.sorted_grouped(x, r, w, act, plan.grouped_matmul)
+
+    @staticmethod
+    def _ec_load(ec: routing.ExpertChoice) -> jax.Array:
+        e = ec.token_index.shape[-2]
+        return jnp.full((e,), 1.0 / e, jnp.float32)  # expert choice is balanced by construction
+
+    def _record(self, probs: jax.Array, logits: jax.Array, r: routing.Routing | None, *, load: jax.Array,
+                dropped: jax.Array) -> None:
+        if not hasattr(self, "__captures__"):  # set by nnx.capture; sowing outside one is deprecated
+            return
+        plan = self.plan
+        per_group = jax.vmap
+        values = {
+            "router_z": per_group(aux_losses.router_z_loss)(logits).mean(),
+            "importance": per_group(aux_losses.importance_loss)(probs).mean(),
+            "local_entropy": per_group(aux_losses.local_entropy_loss)(probs).mean(),
+            "global_entropy": aux_losses.global_entropy_loss(probs.reshape(-1, probs.shape[-1]),
+                                                             plan.global_entropy_threshold),
+        }
+        if r is not None:
+            values["load_balancing"] = per_group(lambda p, i: aux_losses.load_balancing_loss(p, i))(
+                probs, r.expert_index).mean()
+            if plan.load_weight > 0 and not self.deterministic:
+                values["load"] = per_group(lambda lg, nl: aux_losses.load_loss(
+                    lg, nl, plan.top_k, plan.router_noise_std))(r.logits, r.noisy_logits).mean()
+        weights = {name: getattr(plan, f"{name if name != 'router_z' else 'z_loss'}_weight") for name in values}
+        metrics = dict(values)
+        metrics["aux_loss"] = aux_losses.combine_aux_losses(values, weights)
+        metrics["expert_load"] = load
+        metrics["drop_fraction"] = dropped.mean()
+        metrics["router_entropy"] = values["local_entropy"]
+        self.sow(nnx.Intermediate, METRICS, metrics)
+
+
+def moe_aux(intermediates: nnx.State) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
+    """The summed weighted aux loss of every MoE layer of both towers, and per-layer metrics.
+
+    `intermediates` is what `nnx.capture(forward, nnx.Intermediate)` returned;
+    metrics are keyed by layer path ('visual/encoder/blocks/1/mlp', with '#i'
+    for the i-th extra call of a layer shared by both modalities).
+    """
+    per_layer: dict[str, dict[str, jax.Array]] = {}
+    total = jnp.zeros((), jnp.float32)
+    for path, var in nnx.to_flat_state(intermediates):
+        if path[-1] != METRICS:
+            continue
+        for i, metrics in enumerate(var.get_value()):
+            name = "/".join(str(p) for p in path[:-1]) + (f"#{i}" if i else "")
+            per_layer[name] = metrics
+            total = total + metrics["aux_loss"]
+    return total, per_layer

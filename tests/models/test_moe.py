@@ -1,0 +1,186 @@
+"""The MoE layer: every dispatch path computes the same function, upcycled experts preserve it,
+aux losses reach the router, and train/eval behave differently where they should."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from clipup_jax.config import ConfigError, ModelConfig, MoEPlan, preset
+from clipup_jax.checkpoints.params import abstract_params
+from clipup_jax.models import CLIP, dispatch, routing
+from clipup_jax.models.layers import Mlp, activation_fn
+from clipup_jax.models.moe import MoeMlp, moe_aux
+
+G, S, D, F, E = 3, 10, 16, 24, 4
+PATHS = [("einsum", "padded"), ("sorted", "padded"), ("sorted", "ragged_dot"), ("sorted", "pallas")]
+
+
+def _layer(plan: MoEPlan, seed: int = 0) -> MoeMlp:
+    layer = MoeMlp(D, F, 2, "gelu", plan, nnx.Rngs(seed, router=seed + 1))
+    rng = np.random.RandomState(seed)
+    layer.fc1_bias[...] = jnp.asarray(rng.randn(E, F) * 0.1, jnp.float32)  # zero biases would hide bias bugs
+    layer.fc2_bias[...] = jnp.asarray(rng.randn(E, D) * 0.1, jnp.float32)
+    layer.router_kernel[...] = jnp.asarray(rng.randn(D, E), jnp.float32)
+    return layer
+
+
+def _x(seed: int = 1) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (G, S, D))
+
+
+def _loss_and_grads(plan: MoEPlan, x: jax.Array):
+    layer = _layer(plan)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def loss(params, x):
+        y = nnx.merge(graphdef, params, rest)(x)
+        return jnp.sum(jnp.sin(y) * y)
+
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5], ids=["dropless", "dropping"])
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("path", PATHS, ids=["-".join(p) for p in PATHS])
+def test_paths_equal_dense_reference_forward_and_backward(path, top_k, capacity_factor):
+    base = MoEPlan(num_experts=E, top_k=top_k, eval_capacity_factor=capacity_factor, dispatch="dense_reference")
+    plan = dataclasses.replace(base, dispatch=path[0], grouped_matmul=path[1])
+    x = _x()
+    (want, want_grads), (got, got_grads) = _loss_and_grads(base, x), _loss_and_grads(plan, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=["-".join(p) for p in PATHS])
+def test_empty_experts_get_exactly_zero_gradient(path):
+    plan = MoEPlan(num_experts=E, top_k=1, eval_capacity_factor=None, dispatch=path[0], grouped_matmul=path[1])
+    layer = _layer(plan)
+    layer.router_kernel[...] = jnp.zeros((D, E)).at[:, 2].set(0.0)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def loss(params):
+        params = dict(params)
+        return jnp.sum(nnx.merge(graphdef, params, rest)(jnp.abs(_x())) ** 2)
+
+    # Bias the router so expert 2 takes every token: the other experts must see exactly zero gradient.
+    layer.router_kernel[...] = jnp.zeros((D, E)).at[:, 2].set(1.0)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(jnp.abs(_x())) ** 2))(params)
+    for name in ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias"):
+        g = np.asarray(grads[name][...])
+        assert np.all(g[[0, 1, 3]] == 0.0), name
+        assert np.any(g[2] != 0.0), name
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("path", PATHS + [("dense_reference", "padded")], ids=lambda p: "-".join(p) if isinstance(p, tuple) else str(p))
+def test_identical_experts_preserve_the_dense_mlp(path, top_k):
+    """Function preservation: copies of one MLP, renormalised gates, no drops -> the dense output."""
+    dense = Mlp(D, F, 2, "quick_gelu", nnx.Rngs(3))
+    dense.fc1_bias[...] = jnp.linspace(-0.5, 0.5, F)
+    plan = MoEPlan(num_experts=E, top_k=top_k, eval_capacity_factor=None, dispatch=path[0], grouped_matmul=path[1])
+    moe = MoeMlp(D, F, 2, "quick_gelu", plan, nnx.Rngs(4))
+    for name in ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias"):
+        getattr(moe, name)[...] = jnp.broadcast_to(getattr(dense, name)[...], getattr(moe, name)[...].shape)
+    x = _x(5)
+    np.testing.assert_allclose(moe(x), dense(x), rtol=1e-5, atol=1e-6)
+
+
+def test_expert_choice_matches_its_dense_reference():
+    plan = MoEPlan(num_experts=E, router="expert_choice", eval_capacity_factor=1.0, dispatch="dense_reference")
+    want = _loss_and_grads(plan, _x())
+    got = _loss_and_grads(dataclasses.replace(plan, dispatch="einsum"), _x())
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_train_mode_uses_train_capacity_and_noise():
+    plan = MoEPlan(num_experts=E, top_k=2, capacity_factor=0.25, eval_capacity_factor=None, router_noise_std=1.0)
+    layer = _layer(plan)
+    x = _x()
+    forward = nnx.capture(layer, nnx.Intermediate)
+    layer.eval()
+    eval_out, metrics = forward(x)
+    assert float(metrics["moe"][0]["drop_fraction"]) == 0.0
+    layer.train()
+    (a, metrics), b = forward(x), layer(x)
+    assert float(metrics["moe"][0]["drop_fraction"]) > 0.1  # capacity 4 of 10 tokens x 2 choices over 4 experts
+    assert not np.allclose(a, b)  # fresh router noise each call
+    layer.eval()
+    np.testing.assert_array_equal(layer(x), eval_out)
+
+
+def _sparse_tiny(**plan_fields) -> ModelConfig:
+    cfg = preset("tiny")
+    plan = MoEPlan(**{"num_experts": E, "top_k": 2, **plan_fields})
+    return cfg.replace(vision=dataclasses.replace(cfg.vision, moe=plan), text=dataclasses.replace(cfg.text, moe=plan))
+
+
+def test_aux_loss_sums_every_layer_and_reaches_the_router():
+    cfg = _sparse_tiny(layers=(0, 1), load_balancing_weight=0.5, z_loss_weight=0.1)
+    model = CLIP(cfg, nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    pixels = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 1, 511)
+
+    def loss(params, aux_scale):
+        out, intermediates = nnx.capture(lambda m: m(pixels, tokens), nnx.Intermediate)(
+            nnx.merge(graphdef, params, rest))
+        aux, per_layer = moe_aux(intermediates)
+        assert len(per_layer) == 4  # two MoE blocks in each tower
+        return jnp.sum(out.image_features * out.text_features) + aux_scale * aux
+
+    grad = jax.jit(jax.grad(loss))  # one compile; the aux scale is traced
+    with_aux, without = grad(params, 1.0), grad(params, 0.0)
+    router = ("visual", "encoder", "blocks", 1, "mlp", "router_kernel")
+    flat_a = dict(nnx.to_flat_state(with_aux))
+    flat_b = dict(nnx.to_flat_state(without))
+    assert not np.allclose(flat_a[router][...], flat_b[router][...])
+    expert = ("visual", "encoder", "blocks", 1, "mlp", "fc1_kernel")
+    assert np.all(np.isfinite(flat_a[expert][...]))
+
+
+def test_shared_backbone_holds_one_encoder():
+    cfg = preset("tiny")
+    text = dataclasses.replace(cfg.text, width=48, heads=3, mlp_dim=96)
+    plan = MoEPlan(num_experts=E, top_k=1)
+    shared = cfg.replace(vision=dataclasses.replace(cfg.vision, moe=plan), text=dataclasses.replace(text, moe=plan),
+                         shared_backbone=True)
+    names = abstract_params(shared)
+    prefixes = {n.split("/encoder/")[0] for n in names if "/encoder/" in n}
+    assert len(prefixes) == 1  # the shared encoder is stored once, under one tower
+    assert sum("router_kernel" in n for n in names) == 1
+    model = CLIP(shared, nnx.Rngs(0))
+    _, intermediates = nnx.capture(model, nnx.Intermediate)(jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 16), jnp.int32))
+    assert len(moe_aux(intermediates)[1]) == 2  # one MoE layer, called once per modality
+    with pytest.raises(ConfigError, match="shared_backbone"):
+        cfg.replace(shared_backbone=True).validate()
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"dispatch": "magic"}, "moe.dispatch"),
+    ({"router": "hash"}, "moe.router"),
+    ({"capacity_factor": 0.0}, "moe.capacity_factor"),
+    ({"eval_capacity_factor": -1.0}, "moe.eval_capacity_factor"),
+    ({"top_k": 5}, "moe.top_k"),
+    ({"grouped_matmul": "cutlass"}, "moe.grouped_matmul"),
+    ({"load_weight": 0.1}, "router_noise_std"),
+])
+def test_bad_moe_config(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        _sparse_tiny(**fields).validate()
+
+
+def test_text_tower_refuses_expert_choice():
+    cfg = preset("tiny")
+    plan = MoEPlan(num_experts=E, router="expert_choice")
+    with pytest.raises(ConfigError, match="causal"):
+        cfg.replace(text=dataclasses.replace(cfg.text, moe=plan)).validate()
