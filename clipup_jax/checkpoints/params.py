@@ -16,22 +16,7 @@ from flax import nnx
 from clipup_jax.checkpoints.errors import CheckpointError, key_list
 from clipup_jax.config import ModelConfig
 from clipup_jax.models import CLIP
-
-
-def _name(path: tuple) -> str:
-    return "/".join(str(p) for p in path)
-
-
-def abstract_params(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shape and dtype of every parameter, without allocating any."""
-    model = nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0)))
-    return {_name(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def logical_axes(cfg: ModelConfig) -> dict[str, tuple[str | None, ...]]:
-    """Logical axis names of every parameter (mapped to mesh axes by the sharding rules)."""
-    model = nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0)))
-    return {_name(path): var.logical_axes for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+from clipup_jax.models.param_tree import abstract_params, count_params, flat_name, logical_axes, params_of  # noqa: F401
 
 
 def check_params(params: Mapping[str, np.ndarray], cfg: ModelConfig, source: str) -> None:
@@ -61,15 +46,7 @@ def model_from_params(cfg: ModelConfig, params: Mapping[str, np.ndarray], dtype:
     graphdef, state, rest = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0), dtype)), nnx.Param, ...)
     flat = nnx.to_flat_state(state)
     for path, var in flat:
-        var.set_value(jnp.asarray(params[_name(path)], jnp.float32))
+        var.set_value(jnp.asarray(params[flat_name(path)], jnp.float32))
     # Non-parameter state (router-noise RNG streams) is small: materialise it from the abstract init.
     rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a, rest)
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
-
-
-def params_of(model: CLIP) -> dict[str, np.ndarray]:
-    return {_name(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def count_params(params: Mapping[str, object]) -> int:
-    return int(sum(np.prod(p.shape) for p in params.values()))

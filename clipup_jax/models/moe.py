@@ -2,7 +2,10 @@
 
 Parameter names mirror the dense `Mlp` (`fc1_kernel` (D, F) becomes (E, D, F)),
 so upcycling is a tiling of the dense tree plus a new `router_kernel`.
-Routing groups are samples: an image's patches or a caption's tokens.
+Routing groups are samples: an image's patches or a caption's tokens. Under a
+mesh with an `expert` axis of size > 1 (`jax.set_mesh`), the top-k paths run
+expert-parallel (`expert_parallel.py`, transport `plan.ep_transport`); the
+single-device dispatch then only describes the function, which is the same.
 
 Inside `nnx.capture(..., nnx.Intermediate)` each call records its routing
 metrics and aux losses with `sow` ('moe'); `moe_aux` turns the captured state
@@ -17,10 +20,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clipup_jax.config import Activation, MoEPlan
-from clipup_jax.models import aux_losses, dispatch, routing
+from clipup_jax.models import aux_losses, dispatch, expert_parallel, routing
 from clipup_jax.models.layers import activation_fn, normal
 
 METRICS = "moe"
+EXPERT_AXIS = "expert"
+
+
+def expert_parallel_active() -> bool:
+    """True under `jax.set_mesh(mesh)` when the mesh spreads experts over an `expert` axis of size > 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(EXPERT_AXIS, 1) > 1
 
 
 class MoeMlp(nnx.Module):
@@ -78,6 +88,8 @@ class MoeMlp(nnx.Module):
 
     def _dispatch(self, x: jax.Array, r: routing.Routing, c: int, w: dispatch.ExpertWeights, act) -> jax.Array:
         plan = self.plan
+        if expert_parallel_active() and plan.dispatch != "dense_reference":
+            return expert_parallel.expert_parallel_mlp(x, r, c, w, act, transport=plan.ep_transport)
         if plan.dispatch == "dense_reference":
             return dispatch.dense_reference(x, dispatch.combine_weights(r, plan.num_experts), w, act)
         if plan.dispatch == "einsum":

@@ -1,0 +1,43 @@
+"""The flat view of a CLIP's parameters: 'visual/encoder/blocks/0/attn/qkv_kernel' -> array.
+
+Shapes and logical axes come from an abstract init (`nnx.eval_shape`), so
+nothing is allocated to ask what a config's parameters look like.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from clipup_jax.config import ModelConfig
+from clipup_jax.models.clip import CLIP
+
+
+def flat_name(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _abstract_params(cfg: ModelConfig) -> list[tuple[tuple, nnx.Variable]]:
+    model = nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0)))
+    return nnx.to_flat_state(nnx.state(model, nnx.Param))
+
+
+def abstract_params(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape and dtype of every parameter, without allocating any."""
+    return {flat_name(path): var.get_value() for path, var in _abstract_params(cfg)}
+
+
+def logical_axes(cfg: ModelConfig) -> dict[str, tuple[str | None, ...]]:
+    """Logical axis names of every parameter (mapped to mesh axes by the sharding rules)."""
+    return {flat_name(path): var.logical_axes for path, var in _abstract_params(cfg)}
+
+
+def params_of(model: CLIP) -> dict[str, np.ndarray]:
+    return {flat_name(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def count_params(params: Mapping[str, object]) -> int:
+    return int(sum(np.prod(p.shape) for p in params.values()))

@@ -1,0 +1,73 @@
+"""Logical axis names -> mesh axes: the one table that decides where every parameter lives.
+
+Parameters carry logical axes (`embed`, `mlp`, `heads`, `kv`, `vocab`, `expert`,
+`joint`); a rules table maps each to mesh axes. Dense weights are FSDP-sharded
+over `fsdp` on their `embed` axis, experts over `expert`, activations' batch
+over every data-like axis (`expert` acts as a data axis outside MoE layers).
+A mesh axis is used at most once per array, and only where it divides the
+dimension; otherwise that dimension stays replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from clipup_jax.config import ModelConfig
+from clipup_jax.models.param_tree import abstract_params, logical_axes
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("expert", "expert"),
+    ("embed", "fsdp"),
+    ("mlp", None),
+    ("heads", None),
+    ("kv", None),
+    ("vocab", None),
+    ("joint", None),
+)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> P:
+    """The PartitionSpec for one array; mesh axes of size 1, absent, reused or not dividing are skipped."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        targets = table.get(name) if name is not None else None
+        targets = (targets,) if isinstance(targets, str) else tuple(targets or ())
+        chosen = []
+        size = 1
+        for axis in targets:
+            n = mesh.shape.get(axis, 1)
+            if n == 1 or axis in used or dim % (size * n):
+                continue
+            chosen.append(axis)
+            used.add(axis)
+            size *= n
+        spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return P(*spec)
+
+
+def batch_spec(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> P:
+    """Activations and inputs: leading batch axis over the data-like mesh axes."""
+    axes = dict(rules)["batch"]
+    present = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh.shape.get(a, 1) > 1)
+    return P(present if len(present) > 1 else (present[0] if present else None), *([None] * (ndim - 1)))
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, NamedSharding]:
+    shapes, axes = abstract_params(cfg), logical_axes(cfg)
+    return {name: NamedSharding(mesh, logical_to_spec(axes[name], shapes[name].shape, mesh, rules))
+            for name in shapes}
+
+
+def shard_params(params: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Places host arrays; each device receives only its own slices."""
+    return {name: jax.make_array_from_callback(np.shape(value), shardings[name], lambda idx, v=value: v[idx])
+            for name, value in params.items()}
