@@ -1,1 +1,1 @@
-"""Input pipeline pieces: tokenizer, BPE trainer."""
+"""Data: tokenizer and BPE trainer, image ops, sources (synthetic, TFDS, webdataset, ArrayRecord, CSV), grain pipelines."""
