@@ -1,28 +1,36 @@
 """The on-disk checkpoint: an Orbax tree of params, `clipup.json`, and the tokenizer files.
 
     DIR/
-      clipup.json        model config, kind, source, dtype, tokenizer location
-      params/            Orbax (StandardCheckpointer) tree, keyed like the model
+      clipup.json        model config, kind, source, dtype, tokenizer location, optimizer state kind
+      params/            Orbax PyTree, keyed like the model ('visual' / 'encoder' / ... nested dicts)
+      opt_state/         optional Orbax PyTree of Adam moments: {count, mu, nu}, mu/nu keyed like params/
       tokenizer/         the tokenizer files, when the source had them
 
 A checkpoint describes itself: `load_checkpoint(DIR)` needs no other input.
 Writes go to a sibling temporary directory that is renamed into place only when
 complete, so a crash or an error never leaves a half-written DIR.
+
+Leaves may be `LazyStack`s: arrays made one leading-axis slice at a time (an
+upcycled expert stack). The writer streams them slice by slice into Orbax, so a
+converter never holds its whole output in host memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import json
 import pathlib
 import shutil
+import time
 import uuid
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.params import abstract_params, check_params
@@ -31,7 +39,57 @@ from clipup_jax.config import ConfigError, ModelConfig
 FORMAT_VERSION = 1
 METADATA_FILE = "clipup.json"
 PARAMS_DIR = "params"
+OPT_STATE_DIR = "opt_state"
 TOKENIZER_DIR = "tokenizer"
+STREAM_WINDOW = 4  # slices in flight while streaming: enough to keep tensorstore's writers busy
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyStack:
+    """A float32 array of `shape` whose slice `i` along axis 0 is `part(i)`, made only when asked for.
+
+    Indexing (`stack[idx]`) builds only the slices `idx` covers, so
+    `jax.make_array_from_callback(stack.shape, sharding, stack.__getitem__)`
+    gives each device just its own experts.
+    """
+
+    shape: tuple[int, ...]
+    part: Callable[[int], np.ndarray]
+
+    dtype = np.dtype(np.float32)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        head, rest = (idx[0], idx[1:]) if idx else (slice(None), ())
+        rows = range(self.shape[0])[head]
+        if isinstance(rows, int):
+            return self._part(rows)[rest]
+        block = np.empty((len(rows), *self.shape[1:]), np.float32)
+        for j, i in enumerate(rows):
+            block[j] = self._part(i)
+        return block[(slice(None), *rest)]
+
+    def _part(self, i: int) -> np.ndarray:
+        part = np.asarray(self.part(i), np.float32)
+        if part.shape != self.shape[1:]:
+            raise CheckpointError(f"slice {i} of a {self.shape} stack has shape {part.shape}")
+        return part
+
+    def materialize(self) -> np.ndarray:
+        return self[:]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamMoments:
+    """optax Adam's state: first and second moments keyed like the params, and the step count."""
+
+    count: int
+    mu: Mapping[str, np.ndarray | LazyStack]
+    nu: Mapping[str, np.ndarray | LazyStack]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +98,7 @@ class Checkpoint:
     config: ModelConfig
     params: dict[str, np.ndarray]
     metadata: dict[str, Any]
+    opt_state: AdamMoments | None = None
 
     @property
     def tokenizer_path(self) -> pathlib.Path | None:
@@ -48,13 +107,19 @@ class Checkpoint:
         return None if rel is None else _inside(self.path, rel)
 
 
-def atomic_directory(out: pathlib.Path, force: bool, fill: Callable[[pathlib.Path], None]) -> None:
-    """Runs `fill(tmp)` and renames `tmp` to `out`; on any error nothing is left behind."""
+def check_output(out: pathlib.Path, force: bool) -> None:
+    """Refuses an output that exists (unless `force`) or has no parent, before any expensive work."""
     out = pathlib.Path(out)
     if out.exists() and not force:
         raise CheckpointError(f"{out}: already exists (pass --force to replace it)")
     if not out.parent.is_dir():
         raise CheckpointError(f"{out.parent}: output parent directory does not exist")
+
+
+def atomic_directory(out: pathlib.Path, force: bool, fill: Callable[[pathlib.Path], None]) -> None:
+    """Runs `fill(tmp)` and renames `tmp` to `out`; on any error nothing is left behind."""
+    out = pathlib.Path(out)
+    check_output(out, force)
     tag = uuid.uuid4().hex[:8]
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     try:
@@ -68,8 +133,19 @@ def atomic_directory(out: pathlib.Path, force: bool, fill: Callable[[pathlib.Pat
         else:
             tmp.rename(out)
     finally:
-        if tmp.exists():
+        _remove(tmp)
+
+
+def _remove(tmp: pathlib.Path, attempts: int = 50) -> None:
+    """Deletes a failed write's directory; retries while a writer thread of the failed save still finishes."""
+    for _ in range(attempts):
+        if not tmp.exists():
+            return
+        try:
             shutil.rmtree(tmp)
+        except OSError:
+            time.sleep(0.1)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_file(out: pathlib.Path, write: Callable[[Any], None]) -> None:
@@ -84,23 +160,29 @@ def atomic_file(out: pathlib.Path, write: Callable[[Any], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(out: str | pathlib.Path, config: ModelConfig, params: Mapping[str, np.ndarray], *,
-                    source: Mapping[str, Any], tokenizer_files: list[pathlib.Path] | None = None,
-                    tokenizer_entry: str | None = None, force: bool = False) -> pathlib.Path:
-    """Writes a checkpoint atomically.
+def save_checkpoint(out: str | pathlib.Path, config: ModelConfig, params: Mapping[str, np.ndarray | LazyStack], *,
+                    source: Mapping[str, Any], tokenizer_files: Iterable[pathlib.Path] | None = None,
+                    tokenizer_entry: str | None = None, opt_state: AdamMoments | None = None,
+                    force: bool = False) -> pathlib.Path:
+    """Writes a checkpoint atomically, streaming `LazyStack` leaves slice by slice.
 
     `tokenizer_files` are copied into `tokenizer/`; `tokenizer_entry` is the file
     among them (or None for the directory itself) that a Tokenizer loads from.
     """
     out = pathlib.Path(out)
     config.validate()
-    check_params(params, config, str(source.get("path", out)))
+    where = str(source.get("path", out))
+    check_params(params, config, where)
+    if opt_state is not None:
+        check_params(opt_state.mu, config, f"{where} (Adam mu)")
+        check_params(opt_state.nu, config, f"{where} (Adam nu)")
 
     def fill(tmp: pathlib.Path) -> None:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp.resolve() / PARAMS_DIR, _nest({k: np.asarray(v, np.float32) for k, v in params.items()}))
-        ckptr.wait_until_finished()
-        ckptr.close()
+        _write_tree(tmp.resolve() / PARAMS_DIR, {k: _leaf(v) for k, v in params.items()})
+        if opt_state is not None:
+            _write_tree(tmp.resolve() / OPT_STATE_DIR, {"count": np.asarray(opt_state.count, np.int32),
+                                                          **{f"mu/{k}": _leaf(v) for k, v in opt_state.mu.items()},
+                                                          **{f"nu/{k}": _leaf(v) for k, v in opt_state.nu.items()}})
         tokenizer_rel = None
         if tokenizer_files:
             (tmp / TOKENIZER_DIR).mkdir()
@@ -114,6 +196,7 @@ def save_checkpoint(out: str | pathlib.Path, config: ModelConfig, params: Mappin
             "dtype": "float32",
             "source": dict(source),
             "tokenizer": tokenizer_rel,
+            "optimizer_state": None if opt_state is None else "adam",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
@@ -140,22 +223,106 @@ def read_metadata(path: str | pathlib.Path) -> tuple[dict[str, Any], ModelConfig
     return metadata, config
 
 
-def load_checkpoint(path: str | pathlib.Path) -> Checkpoint:
-    """Params come back as host numpy arrays; callers place them on devices."""
+def load_checkpoint(path: str | pathlib.Path, opt_state: bool = True) -> Checkpoint:
+    """Params (and Adam moments, when stored and `opt_state`) come back as host numpy arrays."""
     path = pathlib.Path(path)
     metadata, config = read_metadata(path)
     if metadata.get("tokenizer") is not None:
         _inside(path, metadata["tokenizer"])  # validate before doing any work
-    abstract = _nest({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in abstract_params(config).items()})
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in abstract_params(config).items()}
+    params = _read_tree(path / PARAMS_DIR, shapes, "params")
+    check_params(params, config, str(path))
+    moments = None
+    if opt_state and (path / OPT_STATE_DIR).exists():
+        flat = _read_tree(path / OPT_STATE_DIR, {"count": jax.ShapeDtypeStruct((), np.int32),
+                                                 **{f"mu/{k}": v for k, v in shapes.items()},
+                                                 **{f"nu/{k}": v for k, v in shapes.items()}}, "Adam moments")
+        moments = AdamMoments(int(flat.pop("count")), {k[3:]: v for k, v in flat.items() if k.startswith("mu/")},
+                              {k[3:]: v for k, v in flat.items() if k.startswith("nu/")})
+    return Checkpoint(path, config, params, metadata, moments)
+
+
+def _read_tree(directory: pathlib.Path, shapes: Mapping[str, jax.ShapeDtypeStruct], what: str) -> dict[str, np.ndarray]:
     try:
         ckptr = ocp.StandardCheckpointer()
-        restored = ckptr.restore((path / PARAMS_DIR).resolve(), abstract)
+        restored = ckptr.restore(directory.resolve(), _nest(shapes))
         ckptr.close()
     except Exception as e:
-        raise CheckpointError(f"{path / PARAMS_DIR}: cannot restore params ({type(e).__name__}: {e})") from e
-    params = {k: np.asarray(v) for k, v in _flatten(restored).items()}
-    check_params(params, config, str(path))
-    return Checkpoint(path, config, params, metadata)
+        raise CheckpointError(f"{directory}: cannot restore {what} ({type(e).__name__}: {e})") from e
+    return {k: np.asarray(v) for k, v in _flatten(restored).items()}
+
+
+def _leaf(value: Any) -> np.ndarray | LazyStack:
+    return value if isinstance(value, LazyStack) else np.asarray(value, np.float32)
+
+
+def _write_tree(directory: pathlib.Path, leaves: Mapping[str, np.ndarray | LazyStack]) -> None:
+    """One Orbax PyTree save; plain arrays are written without Orbax's defensive copy (nothing mutates them)."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (LazyStack, _LazyStackHandler()),
+        (jax.Array, ocp.type_handlers.ArrayHandler()),
+    )
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    ckptr.save(directory, args=ocp.args.PyTreeSave(_nest(leaves)))
+    ckptr.close()
+
+
+class _LazyStackHandler(ocp.type_handlers.NumpyHandler):
+    """Writes a `LazyStack` a chunk at a time, at most `STREAM_WINDOW` chunks alive at once.
+
+    Stored exactly as Orbax stores a numpy array (type 'np.ndarray', chunked along
+    axis 0), so `StandardCheckpointer.restore` reads it back like any other leaf.
+    """
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def serialize(self, values: Any, infos: Any, args: Any = None) -> list[Any]:
+        return [ocp.future.CommitFutureAwaitingContractedSignals(self._stream(values, infos), name="lazy_stack")]
+
+    async def _stream(self, values: list[LazyStack], infos: list[Any]) -> None:
+        pending: set[asyncio.Future] = set()
+        try:
+            await self._write_all(values, infos, pending)
+        except BaseException:
+            await asyncio.gather(*pending, return_exceptions=True)  # no write may outlive the failed save
+            raise
+
+    async def _write_all(self, values: list[LazyStack], infos: list[Any], pending: set[asyncio.Future]) -> None:
+        for value, info in zip(values, infos):
+            await info.await_path_creation()
+            if jax.process_index() != 0:
+                continue
+            spec = ocp.type_handlers.get_json_tspec_write(
+                info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=value.shape,
+                dtype=value.dtype, process_index=jax.process_index() if info.is_ocdbt_checkpoint else None,
+                arg=_chunking(value))
+            store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+            rows = store.chunk_layout.write_chunk.shape[0]  # whole chunks per write: no read-modify-write
+            for start in range(0, value.shape[0], rows):
+                while len(pending) >= STREAM_WINDOW:
+                    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    pending.difference_update(done)
+                    for d in done:
+                        d.result()
+                block = value[start] if rows == 1 else value[start:start + rows]
+                target = store[start] if rows == 1 else store[start:start + rows]
+                pending.add(asyncio.ensure_future(_awaited(
+                    target.write(block, can_reference_source_data_indefinitely=True))))
+        await asyncio.gather(*pending)
+
+
+def _chunking(value: LazyStack) -> Any:
+    """One chunk per slice when slices reach Orbax's 1 MiB chunk floor; else the whole (small) stack as one chunk."""
+    part = int(np.prod(value.shape[1:])) * value.dtype.itemsize
+    if part >= 2**20:
+        return ocp.type_handlers.SaveArgs(chunk_byte_size=part, shard_axes=(0,))
+    return ocp.type_handlers.SaveArgs()
+
+
+async def _awaited(future: Any) -> Any:
+    return await future
 
 
 def _inside(root: pathlib.Path, rel: str) -> pathlib.Path:

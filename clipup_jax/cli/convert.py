@@ -1,17 +1,28 @@
-"""clipup-convert: import dense CLIPs from other ecosystems, and inspect checkpoints."""
+"""clipup-convert: import dense CLIPs from other ecosystems, upcycle them to sparse MoE CLIPs, inspect checkpoints."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import pathlib
 import sys
+from typing import Any, Mapping
 
 from clipup_jax.checkpoints import format as ckpt_format
 from clipup_jax.checkpoints.importing import SOURCES, ImportOptions, import_checkpoint
 from clipup_jax.checkpoints.params import count_params
-from clipup_jax.checkpoints.summary import describe
+from clipup_jax.checkpoints.summary import active_params, describe
+from clipup_jax.checkpoints.upcycle import UpcycleOptions, upcycle_checkpoint
 from clipup_jax.cli.errors import Parser, run_cli
-from clipup_jax.config import ACTIVATIONS, PRESETS
+from clipup_jax.config import ACTIVATIONS, PRESETS, ConfigError, MoEPlan
+
+# Upcycling settings, by the name a --config file uses; each also has a flag (`_` -> `-`).
+REQUIRED = ("num_experts", "top_k", "moe_layers")
+SETTINGS = REQUIRED + ("towers", "router_init_std", "capacity_factor", "eval_capacity_factor", "expert_noise",
+                       "drop_upcycling", "seed", "optimizer_state")
+# A --config file may also set any other MoE plan field (dispatch, router, aux-loss weights, ...).
+PLAN_FIELDS = tuple(f.name for f in dataclasses.fields(MoEPlan) if f.name != "layers")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +40,30 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--force", action="store_true", help="replace an existing --out")
     ins = sub.add_parser("inspect", help="print a checkpoint's config, parameter counts and FLOPs")
     ins.add_argument("checkpoint", type=pathlib.Path)
+    up = sub.add_parser("upcycle", help="turn a dense checkpoint into a sparse MoE one whose experts copy its MLPs")
+    up.add_argument("dense", type=pathlib.Path, metavar="DENSE_DIR")
+    up.add_argument("--out", type=pathlib.Path, required=True, metavar="SPARSE_DIR",
+                    help="checkpoint directory to create")
+    up.add_argument("--config", type=pathlib.Path, metavar="FILE.py",
+                    help="a file whose get_config() returns an ml_collections.ConfigDict of the settings below "
+                         "(and any other MoE plan field); replaces the upcycling flags")
+    up.add_argument("--num-experts", type=int, metavar="E", help="experts per MoE layer")
+    up.add_argument("--top-k", type=int, metavar="K", help="experts per token")
+    up.add_argument("--moe-layers", metavar="LAYERS", help="every_2, last_N, or block indices i,j,...")
+    up.add_argument("--towers", metavar="TOWERS", help="towers to upcycle: image,text (default both)")
+    up.add_argument("--router-init-std", type=float, metavar="S",
+                    help="std of the new routers' normal init (default 0.02)")
+    up.add_argument("--capacity-factor", metavar="C", help="training capacity factor, or none (dropless); default 1.25")
+    up.add_argument("--eval-capacity-factor", metavar="C", help="eval capacity factor, or none (dropless); default 2")
+    up.add_argument("--expert-noise", type=float, metavar="S",
+                    help="std of noise added to each expert's kernels (default 0)")
+    up.add_argument("--drop-upcycling", type=float, metavar="R",
+                    help="fraction of each expert's hidden units re-initialised (default 0)")
+    up.add_argument("--seed", type=int, metavar="N",
+                    help="seed of the router init, noise and drop-upcycling (default 0)")
+    up.add_argument("--no-optimizer-state", dest="optimizer_state", action="store_false", default=None,
+                    help="do not carry the dense checkpoint's Adam moments over")
+    up.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser
 
 
@@ -43,12 +78,94 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    print(describe(ckpt_format.load_checkpoint(args.checkpoint)))
+    print(describe(ckpt_format.load_checkpoint(args.checkpoint, opt_state=False)))
+
+
+def _upcycle(args: argparse.Namespace) -> None:
+    flags = {name: getattr(args, name) for name in SETTINGS if getattr(args, name) is not None}
+    if args.config is not None:
+        if flags:
+            raise ValueError(f"--config replaces the upcycling flags; drop {', '.join(_flag(n) for n in flags)}")
+        settings = _load_config_file(args.config)
+    else:
+        settings = flags
+    opts = _options(settings, f"{args.config}" if args.config is not None else "flags")
+    up = upcycle_checkpoint(args.dense, args.out, opts, force=args.force)
+    cfg = up.config
+    if opts.plan.eval_capacity_factor is not None:
+        print(f"note: eval capacity factor {opts.plan.eval_capacity_factor:g} can drop tokens; with "
+              "--eval-capacity-factor none the upcycled model computes exactly what the dense one does")
+    print(f"wrote {args.out} ({count_params(up.params) / 1e6:.2f}M params, "
+          f"{active_params(cfg, up.params) / 1e6:.2f}M active per token; {opts.plan.num_experts} experts "
+          f"top-{opts.plan.top_k} in {' and '.join(opts.towers)}; Adam moments "
+          f"{'tiled' if up.opt_state is not None else 'none'})")
+
+
+def _options(settings: Mapping[str, Any], where: str) -> UpcycleOptions:
+    """Options from settings named as in SETTINGS / PLAN_FIELDS; capacity factors accept 'none'."""
+    unknown = sorted(set(settings) - set(SETTINGS) - set(PLAN_FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown upcycling setting(s) {unknown}; "
+                          f"known: {sorted(set(SETTINGS + PLAN_FIELDS))}")
+    missing = [n for n in REQUIRED if settings.get(n) is None]
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(_flag(n) for n in missing)} required (or pass --config FILE.py)")
+    plan = {k: v for k, v in settings.items() if k in PLAN_FIELDS}
+    for name in ("capacity_factor", "eval_capacity_factor"):
+        if name in plan:
+            plan[name] = _capacity(plan[name], name)
+    layers = settings["moe_layers"]
+    if isinstance(layers, str) and not layers.startswith(("every_", "last_")):
+        layers = layers.split(",")
+    if not isinstance(layers, str):
+        try:
+            layers = tuple(int(i) for i in layers)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: moe_layers={settings['moe_layers']!r}: expected every_2, last_N or "
+                              "block indices i,j,...") from None
+    extra = {k: settings[k] for k in ("expert_noise", "drop_upcycling", "seed", "optimizer_state") if k in settings}
+    if "towers" in settings:
+        towers = settings["towers"]
+        extra["towers"] = tuple(t.strip() for t in (towers.split(",") if isinstance(towers, str) else towers))
+    return UpcycleOptions(plan=MoEPlan(layers=layers, **plan), **extra)
+
+
+def _capacity(value: Any, name: str) -> float | None:
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{_flag(name)} {value!r}: expected a number or none (dropless)") from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _load_config_file(path: pathlib.Path) -> dict[str, Any]:
+    """Runs exactly the file the user named and returns its get_config() as a dict."""
+    if not path.is_file() or path.suffix != ".py":
+        raise ValueError(f"{path}: --config needs an existing .py file with get_config()")
+    spec = importlib.util.spec_from_file_location(f"clipup_upcycle_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config() if hasattr(module, "get_config") else None
+    except Exception as e:  # the user's code: report it on one line, like any other bad input
+        raise ValueError(f"{path}: {type(e).__name__}: {e}") from e
+    if config is None:
+        raise ValueError(f"{path}: defines no get_config() (or it returned None)")
+    config = config.to_dict() if hasattr(config, "to_dict") else config
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{path}: get_config() must return an ml_collections.ConfigDict, got {type(config).__name__}")
+    return dict(config)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    run_cli("clipup-convert", lambda: _import(args) if args.command == "import" else _inspect(args))
+    commands = {"import": _import, "inspect": _inspect, "upcycle": _upcycle}
+    run_cli("clipup-convert", lambda: commands[args.command](args))
 
 
 if __name__ == "__main__":

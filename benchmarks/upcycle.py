@@ -1,0 +1,163 @@
+"""Upcycling cost: a random-weight ViT-B-16 dense checkpoint -> 8 experts, top-2, every other block of both towers.
+
+    python -m benchmarks.upcycle [--moments] [--expert-noise S] [--drop-upcycling R]
+
+Each step runs in its own child process, which reports its wall time and its own peak
+RSS (`ru_maxrss`). The parent stays small (no jax import): Linux carries a parent's
+high-water mark into a forked child's `ru_maxrss`, so a large parent would inflate them.
+
+* `convert`: `upcycle_checkpoint` (read the dense checkpoint, stream the sparse one out);
+* `plain`: the same sparse tree built fully in memory, then one `StandardCheckpointer.save`
+  (only the save is timed: the baseline a conversion is compared with);
+* `floor`: the interpreter with jax, orbax and clipup_jax imported, nothing else.
+
+Targets: convert time <= 2x plain, convert peak RSS <= 1.5x the output size.
+`--moments` also gives the dense checkpoint Adam moments and converts them too;
+`--expert-noise` / `--drop-upcycling` make every expert a fresh array (the worst case for time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PRESET = "ViT-B-16"
+GIB = 2**30
+
+
+def _options(args: argparse.Namespace):
+    from clipup_jax.checkpoints.upcycle import UpcycleOptions
+    from clipup_jax.config import MoEPlan
+
+    return UpcycleOptions(plan=MoEPlan(num_experts=8, top_k=2, layers="every_2", eval_capacity_factor=None),
+                          expert_noise=args.expert_noise, drop_upcycling=args.drop_upcycling)
+
+
+def _step(name: str, root: pathlib.Path, args: argparse.Namespace) -> dict[str, float]:
+    """Runs in the child process."""
+    import orbax.checkpoint as ocp
+
+    from clipup_jax.checkpoints import format as ckpt_format
+    from clipup_jax.checkpoints.params import count_params
+    from clipup_jax.checkpoints.upcycle import upcycle, upcycle_checkpoint
+
+    seconds, output = 0.0, 0
+    if name == "dense":
+        _write_dense(root, args.moments)
+    elif name == "convert":
+        t0 = time.perf_counter()
+        up = upcycle_checkpoint(root / "dense", root / "sparse", _options(args))
+        seconds = time.perf_counter() - t0
+        output = 4 * (count_params(up.params) + (2 * count_params(up.params) if up.opt_state is not None else 0))
+    elif name == "plain":
+        dense = ckpt_format.load_checkpoint(root / "dense")
+        up = upcycle(dense.config, dense.params, _options(args), dense.opt_state)
+        tree = {"params": _nest(up.host_params())}
+        if up.opt_state is not None:
+            tree["opt_state"] = _nest({"count": np.asarray(up.opt_state.count, np.int32),
+                                       **{f"mu/{k}": _host(v) for k, v in up.opt_state.mu.items()},
+                                       **{f"nu/{k}": _host(v) for k, v in up.opt_state.nu.items()}})
+        t0 = time.perf_counter()
+        for item, subtree in tree.items():
+            ckptr = ocp.StandardCheckpointer()
+            ckptr.save((root / "plain" / item).resolve(), subtree)
+            ckptr.wait_until_finished()
+            ckptr.close()
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "output": output, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _host(value):
+    return value.materialize() if hasattr(value, "materialize") else value
+
+
+def _nest(flat: dict) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _run_child(name: str, root: pathlib.Path, args: argparse.Namespace) -> dict[str, float]:
+    argv = [sys.executable, "-m", "benchmarks.upcycle", "--step", name, "--root", str(root),
+            "--expert-noise", str(args.expert_noise), "--drop-upcycling", str(args.drop_upcycling)]
+    done = subprocess.run(argv + (["--moments"] if args.moments else []), check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _write_dense(root: pathlib.Path, moments: bool) -> None:
+    from clipup_jax.checkpoints.format import AdamMoments, save_checkpoint
+    from clipup_jax.checkpoints.params import abstract_params
+    from clipup_jax.config import preset
+
+    cfg = preset(PRESET)
+    rng = np.random.default_rng(0)
+    shapes = abstract_params(cfg)
+    params = {k: 0.02 * rng.standard_normal(v.shape, np.float32) for k, v in shapes.items()}
+    opt = None
+    if moments:
+        opt = AdamMoments(1000, {k: 1e-3 * rng.standard_normal(v.shape, np.float32) for k, v in shapes.items()},
+                          {k: 1e-6 * rng.random(v.shape, np.float32) for k, v in shapes.items()})
+    save_checkpoint(root / "dense", cfg, params, source={"format": "random-init"}, opt_state=opt)
+
+
+def _du(path: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--moments", action="store_true", help="dense checkpoint carries Adam moments, converted too")
+    parser.add_argument("--expert-noise", type=float, default=0.0, help="per-expert kernel noise std")
+    parser.add_argument("--drop-upcycling", type=float, default=0.0, help="fraction of hidden units re-initialised")
+    parser.add_argument("--step", help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=pathlib.Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.step:
+        print(json.dumps(_step(args.step, args.root, args)))
+        return
+    tmp = pathlib.Path(tempfile.gettempdir())
+    need = (9 if args.moments else 3) * 2 * GIB  # dense + two sparse outputs, with margin
+    free = shutil.disk_usage(tmp).free
+    if free < need:
+        sys.exit(f"benchmarks.upcycle: {free / GIB:.1f} GiB free in {tmp}, need about {need / GIB:.0f} GiB")
+    root = pathlib.Path(tempfile.mkdtemp(prefix="clipup-upcycle-bench-", dir=tmp))
+    try:
+        _run_child("dense", root, args)
+        print(f"dense random {PRESET}: {_du(root / 'dense') / GIB:.2f} GiB on disk")
+        results = {name: _run_child(name, root, args) for name in ("floor", "convert", "plain")}
+        convert, plain, floor = results["convert"], results["plain"], results["floor"]
+        output = convert["output"]
+        print(f"output: {output / GIB:.2f} GiB of float32 ({_du(root / 'sparse') / GIB:.2f} GiB on disk), "
+              f"{'params + Adam moments' if args.moments else 'params only'}, expert noise {args.expert_noise:g}, "
+              f"drop-upcycling {args.drop_upcycling:g}")
+        print("| step | wall s | peak RSS GiB | peak RSS / output |")
+        print("|---|---:|---:|---:|")
+        for name, label in (("convert", "convert (read dense + stream sparse)"),
+                            ("plain", "plain Orbax save of the in-memory sparse tree"),
+                            ("floor", "interpreter + imports only")):
+            r = results[name]
+            wall = f"{r['seconds']:.1f}" if name != "floor" else "-"
+            print(f"| {label} | {wall} | {r['peak_rss'] / GIB:.2f} | {r['peak_rss'] / output:.2f} |")
+        print(f"time ratio convert / plain save: {convert['seconds'] / plain['seconds']:.2f} (target <= 2)")
+        print(f"peak RSS ratio convert / output: {convert['peak_rss'] / output:.2f} (target <= 1.5); "
+              f"above the import floor: {(convert['peak_rss'] - floor['peak_rss']) / output:.2f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Sparse upcycling: a dense CLIP becomes a sparse MoE CLIP whose experts start as copies of its MLPs.
+
+The mapping is a rule per sparse parameter key:
+
+    <tower>/encoder/blocks/<i>/mlp/router_kernel      new: normal(plan.router_init_std), keyed by the seed
+    <tower>/encoder/blocks/<i>/mlp/fc{1,2}_{kernel,bias}  in a MoE block: the dense tensor tiled on a new
+                                                       leading expert axis (+ optional noise / drop-upcycling)
+    anything else                                      copied unchanged
+
+Every dense key must be consumed and every sparse key produced; anything else is a
+`CheckpointError` that lists the keys, so a model change that the rules do not cover
+cannot pass silently.
+
+Experts are `LazyStack`s: expert e is computed from the dense tensor when asked for,
+with random streams keyed by (seed, key, e). The writer therefore streams experts to
+disk one at a time, and a mesh placement (`jax.make_array_from_callback(x.shape,
+sharding, x.__getitem__)`) builds only each device's experts, with the same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import re
+import zlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from clipup_jax.checkpoints.errors import CheckpointError, key_list
+from clipup_jax.checkpoints.format import (TOKENIZER_DIR, AdamMoments, LazyStack, check_output, load_checkpoint,
+                                           read_metadata, save_checkpoint)
+from clipup_jax.checkpoints.params import abstract_params, check_params
+from clipup_jax.config import ConfigError, ModelConfig, MoEPlan
+
+TOWERS = {"image": ("visual", "vision"), "text": ("text", "text")}  # name -> (param prefix, config field)
+TILED = ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias")
+_MLP_KEY = re.compile(r"^(?P<block>(?P<prefix>visual|text)/encoder/blocks/\d+/mlp)/(?P<leaf>\w+)$")
+_ROUTER, _DROP_SELECT, _DROP_INIT, _NOISE = range(4)  # independent random streams
+
+
+@dataclasses.dataclass(frozen=True)
+class UpcycleOptions:
+    plan: MoEPlan = MoEPlan()
+    towers: tuple[str, ...] = ("image", "text")
+    expert_noise: float = 0.0  # std of normal noise added to each expert's kernels (absolute)
+    drop_upcycling: float = 0.0  # fraction of each expert's hidden units re-initialised (Drop-Upcycling)
+    seed: int = 0
+    optimizer_state: bool = True  # tile the dense Adam moments, when the checkpoint has them
+
+    def validate(self) -> None:
+        unknown = [t for t in self.towers if t not in TOWERS]
+        if unknown or not self.towers:
+            raise ConfigError(f"towers {list(self.towers)}: expected a non-empty subset of {', '.join(TOWERS)}")
+        if not 0.0 <= self.drop_upcycling <= 1.0:
+            raise ConfigError(f"drop-upcycling ratio {self.drop_upcycling} must be in [0, 1]")
+        if not self.expert_noise >= 0.0:
+            raise ConfigError(f"expert noise std {self.expert_noise} must be >= 0")
+        if self.seed < 0:
+            raise ConfigError(f"seed {self.seed} must be >= 0")
+        if self.plan.router_init_std == 0 and self.plan.router_noise_std == 0:
+            raise ConfigError("router_init_std=0 without router noise makes every gate tie and sends all tokens to "
+                              "the same experts; use a small std (default 0.02)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Upcycled:
+    config: ModelConfig
+    params: dict[str, np.ndarray | LazyStack]
+    opt_state: AdamMoments | None
+
+    def host_params(self) -> dict[str, np.ndarray]:
+        """Every leaf as a numpy array (materialises all experts: for small models and tests)."""
+        return {k: v.materialize() if isinstance(v, LazyStack) else v for k, v in self.params.items()}
+
+
+def sparse_config(dense: ModelConfig, opts: UpcycleOptions, source: str = "dense model") -> ModelConfig:
+    """The dense config with `opts.plan` on the chosen towers; refuses an input that is already sparse."""
+    if dense.is_sparse:
+        towers = [name for name, (_, field) in TOWERS.items() if getattr(dense, field).moe is not None]
+        raise CheckpointError(f"{source}: is already sparse (MoE in the {' and '.join(towers)} tower); "
+                              "upcycling takes a dense checkpoint")
+    opts.validate()
+    if dense.shared_backbone and set(opts.towers) != set(TOWERS):
+        raise ConfigError("a shared backbone serves both modalities: upcycle towers image,text together")
+    changes = {}
+    for name in opts.towers:
+        field = TOWERS[name][1]
+        tower = getattr(dense, field)
+        try:
+            opts.plan.validate(tower.depth)
+        except ConfigError as e:
+            raise ConfigError(f"{name} tower: {e}") from e
+        changes[field] = dataclasses.replace(tower, moe=opts.plan)
+    return dense.replace(**changes).validate()
+
+
+def key_rules(dense: ModelConfig, sparse: ModelConfig,
+              source: str = "dense model") -> dict[str, tuple[str, str | None]]:
+    """sparse key -> (rule, dense key): 'router' (new), 'tile' or 'copy'. Lists every key the rules leave out."""
+    have, want = abstract_params(dense), abstract_params(sparse)
+    rules: dict[str, tuple[str, str | None]] = {}
+    for key in want:
+        m = _MLP_KEY.match(key)
+        moe = m is not None and f"{m['block']}/router_kernel" in want
+        if moe and m["leaf"] == "router_kernel":
+            rules[key] = ("router", None)
+        else:
+            rules[key] = ("tile" if moe and m["leaf"] in TILED else "copy", key)
+    consumed = {src for _, src in rules.values() if src is not None}
+    unproduced = [k for k, (_, src) in rules.items() if src is not None and src not in have]
+    misshaped = [
+        f"{k} {tuple(want[k].shape)} from {tuple(have[src].shape)}" for k, (rule, src) in rules.items()
+        if src in have and tuple(want[k].shape) != ((want[k].shape[0],) if rule == "tile" else ()) + have[src].shape
+    ]
+    problems = []
+    if unproduced:
+        problems.append(f"sparse keys no rule produces: {key_list(unproduced)}")
+    if set(have) - consumed:
+        problems.append(f"dense keys no rule consumes: {key_list(set(have) - consumed)}")
+    if misshaped:
+        problems.append(f"shapes the rules cannot map: {key_list(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{source}: upcycling rules do not cover the model: " + "; ".join(problems))
+    return rules
+
+
+def upcycle(config: ModelConfig, params: Mapping[str, np.ndarray], opts: UpcycleOptions,
+            opt_state: AdamMoments | None = None, source: str = "dense model") -> Upcycled:
+    """The sparse config, params and (when given and `opts.optimizer_state`) Adam moments; experts stay lazy."""
+    sparse = sparse_config(config, opts, source)
+    check_params(params, config, source)
+    rules = key_rules(config, sparse, source)
+    experts = _Experts(sparse, opts)
+    out = {key: experts.param(key, rule, params[src] if src else None) for key, (rule, src) in rules.items()}
+    moments = None
+    if opt_state is not None and opts.optimizer_state:
+        check_params(opt_state.mu, config, f"{source} (Adam mu)")
+        check_params(opt_state.nu, config, f"{source} (Adam nu)")
+        moments = AdamMoments(opt_state.count, *(
+            {key: experts.moment(key, rule, tree[src] if src else None) for key, (rule, src) in rules.items()}
+            for tree in (opt_state.mu, opt_state.nu)))
+    return Upcycled(sparse, out, moments)
+
+
+def upcycle_checkpoint(src: str | pathlib.Path, out: str | pathlib.Path, opts: UpcycleOptions,
+                       force: bool = False) -> Upcycled:
+    """Reads the dense checkpoint `src`, writes the sparse one at `out` (streamed, atomic, tokenizer copied)."""
+    src, out = pathlib.Path(src), pathlib.Path(out)
+    check_output(out, force)
+    metadata, dense_config = read_metadata(src)
+    sparse_config(dense_config, opts, str(src))  # refuse bad plans before reading any weights
+    dense = load_checkpoint(src, opt_state=opts.optimizer_state)
+    up = upcycle(dense.config, dense.params, opts, dense.opt_state, str(src))
+    tokenizer_files, entry = None, None
+    if dense.tokenizer_path is not None:
+        tokenizer_files = sorted((src / TOKENIZER_DIR).iterdir())
+        rel = pathlib.PurePosixPath(metadata["tokenizer"]).relative_to(TOKENIZER_DIR)
+        entry = None if rel == pathlib.PurePosixPath(".") else str(rel)
+    save_checkpoint(out, up.config, up.params, force=force, tokenizer_files=tokenizer_files, tokenizer_entry=entry,
+                    opt_state=up.opt_state, source={
+                        "format": "upcycled", "path": str(src.resolve()), "dense_source": metadata.get("source"),
+                        "upcycling": {"towers": list(opts.towers), "expert_noise": opts.expert_noise,
+                                      "drop_upcycling": opts.drop_upcycling, "seed": opts.seed,
+                                      "optimizer_state": up.opt_state is not None}})
+    return up
+
+
+class _Experts:
+    """Makes each sparse leaf from its dense source; one expert at a time for tiled leaves."""
+
+    def __init__(self, sparse: ModelConfig, opts: UpcycleOptions):
+        self.cfg, self.opts = sparse, opts
+
+    def _rng(self, stream: int, key: str, expert: int = 0) -> np.random.Generator:
+        return np.random.default_rng([self.opts.seed, stream, zlib.crc32(key.encode()), expert])
+
+    def _tower(self, key: str) -> Any:
+        prefix = _MLP_KEY.match(key)["prefix"]
+        return getattr(self.cfg, next(field for p, field in TOWERS.values() if p == prefix))
+
+    def param(self, key: str, rule: str, dense: np.ndarray | None) -> np.ndarray | LazyStack:
+        if rule == "copy":
+            return dense
+        tower = self._tower(key)
+        plan = tower.moe
+        if rule == "router":
+            shape = (tower.width, plan.num_experts)
+            return (plan.router_init_std * self._rng(_ROUTER, key).standard_normal(shape)).astype(np.float32)
+        return LazyStack((plan.num_experts, *dense.shape), functools.partial(self._expert, key, dense))
+
+    def moment(self, key: str, rule: str, dense: np.ndarray | None) -> np.ndarray | LazyStack:
+        if rule == "copy":
+            return dense
+        plan = self._tower(key).moe
+        if rule == "router":  # a new parameter has no history
+            return np.zeros((self._tower(key).width, plan.num_experts), np.float32)
+        return LazyStack((plan.num_experts, *dense.shape), functools.partial(self._expert_moment, key, dense))
+
+    def _dropped(self, key: str, expert: int) -> np.ndarray:
+        """Hidden units expert `expert` re-initialises: the same for all four tensors of its block."""
+        n = round(self.opts.drop_upcycling * self._tower(key).mlp_dim)
+        if n == 0:
+            return np.zeros((0,), np.int64)
+        block = _MLP_KEY.match(key)["block"]
+        return np.sort(self._rng(_DROP_SELECT, block, expert).permutation(self._tower(key).mlp_dim)[:n])
+
+    def _expert(self, key: str, dense: np.ndarray, expert: int) -> np.ndarray:
+        leaf = key.rsplit("/", 1)[1]
+        drop = self._dropped(key, expert)
+        noisy = self.opts.expert_noise > 0 and leaf.endswith("kernel")
+        if not drop.size and not noisy:
+            return dense  # every expert is the dense tensor itself: no copy
+        w = np.array(dense, np.float32)
+        if drop.size:
+            tower = self._tower(key)
+            rng = self._rng(_DROP_INIT, key, expert)
+            # The model's own init (layers.Mlp / moe.MoeMlp): fc1 std (2 width)^-1/2, fc2 width^-1/2 (2 depth)^-1/2.
+            if leaf == "fc1_kernel":
+                w[:, drop] = (2 * tower.width) ** -0.5 * rng.standard_normal((w.shape[0], drop.size))
+            elif leaf == "fc1_bias":
+                w[drop] = 0.0
+            elif leaf == "fc2_kernel":
+                std = tower.width**-0.5 * (2 * tower.depth) ** -0.5
+                w[drop, :] = std * rng.standard_normal((drop.size, w.shape[1]))
+        if noisy:
+            w += self.opts.expert_noise * self._rng(_NOISE, key, expert).standard_normal(w.shape, np.float32)
+        return w
+
+    def _expert_moment(self, key: str, dense: np.ndarray, expert: int) -> np.ndarray:
+        """Moments are tiled; re-initialised hidden units start with none."""
+        drop = self._dropped(key, expert)
+        if not drop.size:
+            return dense
+        m = np.array(dense, np.float32)
+        leaf = key.rsplit("/", 1)[1]
+        if leaf == "fc1_kernel":
+            m[:, drop] = 0.0
+        elif leaf in ("fc1_bias", "fc2_kernel"):
+            m[drop] = 0.0
+        return m
+
