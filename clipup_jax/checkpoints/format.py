@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from clipup_jax.checkpoints.errors import CheckpointError
+from clipup_jax.checkpoints.train_workdir import is_train_workdir, read_train_params
 from clipup_jax.checkpoints.params import abstract_params, check_params
 from clipup_jax.config import ConfigError, ModelConfig
 
@@ -189,20 +190,30 @@ def save_checkpoint(out: str | pathlib.Path, config: ModelConfig, params: Mappin
             for f in tokenizer_files:
                 shutil.copy2(f, tmp / TOKENIZER_DIR / pathlib.Path(f).name)
             tokenizer_rel = TOKENIZER_DIR if tokenizer_entry is None else f"{TOKENIZER_DIR}/{tokenizer_entry}"
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "kind": "sparse" if config.is_sparse else "dense",
-            "model": config.to_dict(),
-            "dtype": "float32",
-            "source": dict(source),
-            "tokenizer": tokenizer_rel,
-            "optimizer_state": None if opt_state is None else "adam",
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        metadata = metadata_dict(config, source, tokenizer_rel, None if opt_state is None else "adam")
+        write_metadata(tmp, metadata)
 
     atomic_directory(out, force, fill)
     return out
+
+
+def metadata_dict(config: ModelConfig, source: Mapping[str, Any], tokenizer: str | None,
+                  optimizer_state: str | None) -> dict[str, Any]:
+    """The `clipup.json` of a converted checkpoint or a training workdir: everything needed to load it."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "sparse" if config.is_sparse else "dense",
+        "model": config.to_dict(),
+        "dtype": "float32",
+        "source": dict(source),
+        "tokenizer": tokenizer,
+        "optimizer_state": optimizer_state,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_metadata(directory: pathlib.Path, metadata: Mapping[str, Any]) -> None:
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
 
 def read_metadata(path: str | pathlib.Path) -> tuple[dict[str, Any], ModelConfig]:
@@ -230,6 +241,10 @@ def load_checkpoint(path: str | pathlib.Path, opt_state: bool = True) -> Checkpo
     if metadata.get("tokenizer") is not None:
         _inside(path, metadata["tokenizer"])  # validate before doing any work
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in abstract_params(config).items()}
+    if is_train_workdir(path):  # a clipup-train workdir: the latest complete step
+        params, step = read_train_params(path, shapes)
+        check_params(params, config, str(path))
+        return Checkpoint(path, config, params, {**metadata, "step": step})
     params = _read_tree(path / PARAMS_DIR, shapes, "params")
     check_params(params, config, str(path))
     moments = None

@@ -1,119 +1,154 @@
-"""clipup-demo: the end-to-end path on data the project makes itself, no download needed.
+"""clipup-demo: CLIP-UP end to end on the embedded synthetic data set, on CPU, in a few minutes.
 
-Trains a BPE tokenizer on generated captions, writes a tiny dense CLIP checkpoint
-(random weights) with that tokenizer inside, inspects it, then embeds generated
-images and captions through the same code as `clipup-embed` and prints their
-similarity matrix. Training (the CLIP-UP demo proper) replaces the random weights
-once the trainer lands.
+1. pre-train a tiny dense CLIP (the parent) on generated image-caption pairs, with a BPE tokenizer
+   trained on their captions;
+2. from the parent's checkpoint, continue two arms for the same number of steps: dense, and
+   CLIP-UP (every other block upcycled into a Mixture-of-Experts: experts = copies of the MLP);
+3. evaluate the parent and both arms (retrieval R@1/5/10 both ways, zero-shot shape classification);
+4. print a table, write `results.json` and `results.png` (loss curves, per-layer expert load).
+Whichever arm wins is reported as measured.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
+import json
 import pathlib
 import shutil
 import sys
 import time
+from typing import Any
 
-import numpy as np
-from PIL import Image, ImageDraw
+from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
 
-from clipup_jax.checkpoints.format import load_checkpoint, save_checkpoint
-from clipup_jax.checkpoints.params import model_from_params, params_of
-from clipup_jax.checkpoints.summary import describe
-from clipup_jax.cli.errors import Parser, run_cli
-from clipup_jax.config import preset
-from clipup_jax.data.bpe_trainer import train_bpe, write_hf_tokenizer
-from clipup_jax.data.image_ops import list_images, load_image
-from clipup_jax.data.tokenizer import Tokenizer, source_files
-from clipup_jax.evaluate.embedding import Embedder, chunks
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 200, 40)}
-SHAPES = ("circle", "square", "triangle")
-
-
-def _draw(shape: str, colour: str, size: int = 96) -> Image.Image:
-    image = Image.new("RGB", (size, size), (245, 245, 240))
-    draw = ImageDraw.Draw(image)
-    lo, hi = size // 5, size - size // 5
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse((lo, lo, hi, hi), fill=fill)
-    elif shape == "square":
-        draw.rectangle((lo, lo, hi, hi), fill=fill)
-    else:
-        draw.polygon([(size // 2, lo), (lo, hi), (hi, hi)], fill=fill)
-    return image
+ARMS = ("dense", "clip-up")
+METRICS = ("text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1",
+           "image_to_text_R@5", "image_to_text_R@10", "zero_shot_top1")
 
 
 def _step(message: str) -> None:
-    print(f"\n== {message}", flush=True)
+    print(f"\n=== {message}", flush=True)
 
 
-def _demo(workdir: pathlib.Path, force: bool) -> None:
+def _arm_config(model, parent: pathlib.Path, tokenizer: pathlib.Path, steps: int):
+    from clipup_jax.train.recipes import demo_config
+
+    config = demo_config(model)
+    config.seed = 1  # a fresh slice of the data stream for the continuation
+    config.init.checkpoint = str(parent)
+    config.data.tokenizer = str(tokenizer)
+    config.total_steps = steps
+    config.optim.lr = 5e-4  # continued training: reduced LR, as upcycling recipes do
+    config.optim.warmup_steps = 20
+    config.eval_every = steps
+    config.checkpoint_every = steps
+    config.log_every = 10
+    return config
+
+
+def _summary(config) -> dict[str, Any]:
+    from clipup_jax.checkpoints.summary import active_params
+    from clipup_jax.models.flops import image_flops, text_flops
+    from clipup_jax.models.param_tree import abstract_params, count_params
+    from clipup_jax.train.trainer import model_config
+
+    cfg = model_config(config)
+    params = abstract_params(cfg)
+    return {"total_params": count_params(params), "active_params": active_params(cfg, params),
+            "image_mflops": image_flops(cfg) / 1e6, "text_mflops": text_flops(cfg) / 1e6}
+
+
+def _last_eval(history: dict[str, Any]) -> dict[str, float]:
+    return history["eval"][-1] if history["eval"] else {}
+
+
+def _table(results: dict[str, dict[str, Any]]) -> str:
+    columns = [("T->I R@1", "text_to_image_R@1"), ("R@5", "text_to_image_R@5"), ("R@10", "text_to_image_R@10"),
+               ("I->T R@1", "image_to_text_R@1"), ("R@5", "image_to_text_R@5"), ("R@10", "image_to_text_R@10"),
+               ("0-shot", "zero_shot_top1")]
+    lines = [f"{'model':<26}" + "".join(f"{h:>9}" for h, _ in columns)
+             + f"{'params':>10}{'active':>10}{'img MFLOPs':>12}{'txt MFLOPs':>12}"]
+    for name, r in results.items():
+        cells = "".join(f"{100 * r['eval'].get(k, float('nan')):>9.1f}" for _, k in columns)
+        lines.append(f"{name:<26}{cells}{r['total_params'] / 1e6:>9.2f}M{r['active_params'] / 1e6:>9.2f}M"
+                     f"{r['image_mflops']:>12.2f}{r['text_mflops']:>12.2f}")
+    return "\n".join(lines)
+
+
+def _figure(histories: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_load) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, history in histories.items():
+        steps = [h["step"] for h in history["train"]]
+        ax_loss.plot(steps, [h["contrastive_loss"] for h in history["train"]], label=name)
+    ax_loss.set(title="contrastive loss (continued training)", xlabel="step", ylabel="loss")
+    ax_loss.legend()
+    last = histories["clip-up"]["train"][-1]
+    layers = sorted({k.rsplit("/expert_load/", 1)[0] for k in last if "/expert_load/" in k})
+    width = 0.8 / max(len(layers), 1)
+    for j, layer in enumerate(layers):
+        loads = [last[k] for k in sorted((k for k in last if k.startswith(layer + "/expert_load/")),
+                                         key=lambda k: int(k.rsplit("/", 1)[1]))]
+        ax_load.bar([e + j * width for e in range(len(loads))], loads, width,
+                    label=layer.removeprefix("moe/").replace("/encoder/blocks/", " block ").removesuffix("/mlp"))
+    ax_load.set(title="CLIP-UP expert load at the last step", xlabel="expert", ylabel="fraction of assignments",
+                        xticks=[e + width * (len(layers) - 1) / 2 for e in range(len(loads))], xticklabels=range(len(loads)))
+    ax_load.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _demo(workdir: pathlib.Path, force: bool, pretrain_steps: int, arm_steps: int) -> None:
     t0 = time.perf_counter()
     if workdir.exists():
         if not force and any(workdir.iterdir()):
             raise ValueError(f"{workdir}: exists and is not empty (pass --force to start over)")
         shutil.rmtree(workdir)
-    (workdir / "images").mkdir(parents=True)
+    workdir.mkdir(parents=True)
+    from clipup_jax.train.recipes import DEMO_MODEL, DEMO_PLAN, demo_config, sparse
+    from clipup_jax.train.run import run_experiment
 
-    _step("1/5 generate images and captions")
-    pairs = list(itertools.product(SHAPES, COLOURS))
-    captions = [f"a {colour} {shape} on a white background" for shape, colour in pairs]
-    for i, (shape, colour) in enumerate(pairs):
-        _draw(shape, colour).save(workdir / "images" / f"{i:02d}_{colour}_{shape}.png")
-    (workdir / "captions.txt").write_text("\n".join(captions) + "\n")
-    print(f"{len(pairs)} images in {workdir / 'images'}, captions in {workdir / 'captions.txt'}")
+    _step(f"1/3 pre-train the dense parent for {pretrain_steps} steps on generated image-caption pairs")
+    parent_config = demo_config()
+    parent_config.total_steps = pretrain_steps
+    parent_config.eval_every = pretrain_steps
+    parent_config.checkpoint_every = pretrain_steps
+    parent = run_experiment(parent_config, workdir / "parent")
+    tokenizer = workdir / "parent" / "tokenizer"
 
-    _step("2/5 train a byte-level BPE tokenizer on the captions")
-    corpus = captions + [f"{n} {c} {s}s" for n in ("two", "three", "many") for s in SHAPES for c in COLOURS]
-    merges = train_bpe(corpus, num_merges=200)
-    tokenizer_dir = write_hf_tokenizer(merges, workdir / "tokenizer")
-    tokenizer = Tokenizer.from_path(tokenizer_dir)
-    print(f"{len(merges)} merges, vocab {tokenizer.vocab_size}; "
-          f"'{captions[0]}' -> {tokenizer.encode(captions[0])}")
+    histories, results = {}, {"parent (dense)": {"eval": _last_eval(parent), **_summary(parent_config)}}
+    arms = {"dense": DEMO_MODEL, "clip-up": sparse(DEMO_MODEL, DEMO_PLAN)}
+    for i, (name, model) in enumerate(arms.items()):
+        _step(f"2/3 arm {i + 1} of 2: continue {name} for {arm_steps} steps from the parent")
+        config = _arm_config(model, workdir / "parent", tokenizer, arm_steps)
+        histories[name] = run_experiment(config, workdir / name)
+        results[f"{name} (+{arm_steps} steps)"] = {"eval": _last_eval(histories[name]), **_summary(config)}
 
-    _step("3/5 write a tiny dense CLIP checkpoint (random weights)")
-    from flax import nnx  # deferred: jax start-up is the slow part of the demo
-
-    from clipup_jax.models import CLIP
-
-    base = preset("tiny")
-    cfg = base.replace(text=dataclasses.replace(base.text, vocab_size=tokenizer.vocab_size))
-    checkpoint = workdir / "checkpoint"
-    save_checkpoint(checkpoint, cfg, params_of(CLIP(cfg, nnx.Rngs(0))), source={"format": "random-init"},
-                    tokenizer_files=source_files(tokenizer_dir))
-    print(f"wrote {checkpoint}")
-
-    _step("4/5 inspect it")
-    ckpt = load_checkpoint(checkpoint)
-    print(describe(ckpt))
-
-    _step("5/5 embed the images and captions, rank captions per image")
-    embedder = Embedder(model_from_params(ckpt.config, ckpt.params), batch_size=8)
-    paths = list_images([workdir / "images"])
-    size = ckpt.config.vision.image_size
-    images = embedder.images(chunks(np.stack([load_image(p, size) for p in paths]), 8))
-    texts = embedder.texts(chunks(Tokenizer.from_path(ckpt.tokenizer_path)(captions, ckpt.config.text.context_length), 8))
-    np.savez(workdir / "embeddings.npz", image_features=images, text_features=texts,
-             logit_scale=np.float32(embedder.logit_scale))
-    images /= np.linalg.norm(images, axis=-1, keepdims=True)
-    texts /= np.linalg.norm(texts, axis=-1, keepdims=True)
-    sims = images @ texts.T
-    top1 = float(np.mean(np.argmax(sims, axis=1) == np.arange(len(paths))))
-    print(f"image features {images.shape}, text features {texts.shape} -> {workdir / 'embeddings.npz'}")
-    print(f"image->text recall@1 {top1:.2f} (chance {1 / len(paths):.2f}: these weights are untrained)")
-    print(f"\ndone in {time.perf_counter() - t0:.1f}s")
+    _step("3/3 results (retrieval and zero-shot in %, on held-out generated scenes)")
+    print(_table(results))
+    serialisable = {k: {f: v for f, v in r.items()} for k, r in results.items()}
+    (workdir / "results.json").write_text(json.dumps(serialisable, indent=2) + "\n")
+    _figure(histories, workdir / "results.png")
+    dense_r1 = results[f"dense (+{arm_steps} steps)"]["eval"].get("text_to_image_R@1", 0.0)
+    sparse_r1 = results[f"clip-up (+{arm_steps} steps)"]["eval"].get("text_to_image_R@1", 0.0)
+    verdict = "CLIP-UP" if sparse_r1 > dense_r1 else "dense" if dense_r1 > sparse_r1 else "neither"
+    print(f"\ntext->image R@1: CLIP-UP {100 * sparse_r1:.1f} vs dense {100 * dense_r1:.1f} -> {verdict} wins here")
+    print(f"wrote {workdir / 'results.json'} and {workdir / 'results.png'} in {time.perf_counter() - t0:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_libraries()
     parser = Parser(prog="clipup-demo", description=__doc__)
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("out/demo"))
     parser.add_argument("--force", action="store_true", help="replace a non-empty --workdir")
+    parser.add_argument("--pretrain-steps", type=int, default=500)
+    parser.add_argument("--arm-steps", type=int, default=300)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    run_cli("clipup-demo", lambda: _demo(args.workdir, args.force))
+    run_cli("clipup-demo", lambda: _demo(args.workdir, args.force, args.pretrain_steps, args.arm_steps))
 
 
 if __name__ == "__main__":

@@ -31,3 +31,11 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def quiet_libraries() -> None:
+    """Orbax and grain log routine absl warnings (read-only managers, missing optional metadata) that would
+    bury the progress lines; errors still show."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)

@@ -1,0 +1,58 @@
+"""Reading a `clipup-train` work directory as a checkpoint: its latest complete step's parameters.
+
+The trainer writes `clipup.json` and `tokenizer/` at the top of the workdir and Orbax
+steps under `checkpoints/<step>/state` (params, optimizer state, step, RNG state).
+Orbax publishes a step only once every file is written, so the latest listed step
+is complete. Only the params subtree is read.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from clipup_jax.checkpoints.errors import CheckpointError
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_ITEM = "state"
+ITEMS = (STATE_ITEM, "data")
+
+
+def is_train_workdir(path: pathlib.Path) -> bool:
+    return (path / CHECKPOINTS_DIR).is_dir()
+
+
+def read_train_params(path: pathlib.Path, shapes: Mapping[str, jax.ShapeDtypeStruct]) -> tuple[dict[str, np.ndarray], int]:
+    """(flat params as host arrays, step) of the latest complete step."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    manager = ocp.CheckpointManager((path / CHECKPOINTS_DIR).resolve(), options=options, item_names=ITEMS)
+    step = manager.latest_step()
+    manager.close()
+    if step is None:
+        raise CheckpointError(f"{path}: training workdir has no complete checkpoint yet")
+    target: dict = {}
+    for name, sds in shapes.items():  # nnx.State layout: nested modules, each Param a {'value': array}
+        node = target
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = {"value": jax.ShapeDtypeStruct(sds.shape, sds.dtype)}
+    item = {"params": target}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    directory = path / CHECKPOINTS_DIR / str(step) / STATE_ITEM
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            directory.resolve(), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+    except Exception as e:
+        raise CheckpointError(f"{directory}: cannot restore params ({type(e).__name__}: {e})") from e
+    flat = {}
+    for name in shapes:
+        node = restored["params"]
+        for part in name.split("/"):
+            node = node[part]
+        flat[name] = np.asarray(node["value"])
+    return flat, step

@@ -1,0 +1,34 @@
+"""clipup-train: run (or resume) an experiment config in a work directory.
+
+    clipup-train --config experiments/clipup_b16.py --workdir runs/b16 [--config.optim.lr=3e-4 ...]
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
+from clipup_jax.train.configs import PREFIX, load_config
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_libraries()
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [a for a in argv if a.startswith(PREFIX)]
+    parser = Parser(prog="clipup-train", description=__doc__)
+    parser.add_argument("--config", type=pathlib.Path, required=True, help="experiment file exposing get_config()")
+    parser.add_argument("--workdir", type=pathlib.Path, required=True, help="checkpoints, logs; resumed if present")
+    args = parser.parse_args([a for a in argv if not a.startswith(PREFIX)])
+
+    def body() -> None:
+        from clipup_jax.train.run import run_experiment  # deferred: jax start-up after argument errors
+
+        config = load_config(args.config, overrides)
+        run_experiment(config, args.workdir)
+
+    run_cli("clipup-train", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: losses, optimizer, train state and step, checkpoint manager, the loop."""

@@ -1,0 +1,64 @@
+"""Training checkpoints: an Orbax CheckpointManager over the train state and the data iterator.
+
+    WORKDIR/
+      clipup.json, tokenizer/    the model config and tokenizer (as in a converted checkpoint)
+      checkpoints/<step>/state   params, optimizer state, step (Orbax; any mesh can restore it)
+      checkpoints/<step>/data    the grain iterator position, one file per process
+
+Saves are asynchronous; Orbax commits a step only when every file is written, so
+a kill mid-save leaves the previous step as the latest complete one.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR, ITEMS
+
+def _data_args():
+    import grain
+
+    return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
+
+
+class TrainCheckpoints:
+    def __init__(self, workdir: pathlib.Path, *, keep: int, every: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+                                               enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager((workdir / CHECKPOINTS_DIR).resolve(), options=options,
+                                             item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any | None, force: bool = False) -> bool:
+        save_data, _ = _data_args()
+        items = {"state": ocp.args.StandardSave(state)}
+        if hasattr(data_iterator, "get_state"):
+            items["data"] = save_data(data_iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, abstract_state: Any, data_iterator: Any | None, step: int | None = None) -> Any:
+        """Restores into `abstract_state`'s shardings (any mesh), and the iterator in place."""
+        _, restore_data = _data_args()
+        step = self.manager.latest_step() if step is None else step
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if hasattr(data_iterator, "get_state"):
+            items["data"] = restore_data(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the target shardings, for restoring into another mesh."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

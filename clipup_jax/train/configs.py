@@ -1,0 +1,79 @@
+"""Experiment configs: a Python file exposing `get_config()`, plus `--config.a.b=value` overrides.
+
+Only the file the user names is executed. Overrides must name an existing field
+(a typo is an error, never a silent new key) and keep its type.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+from typing import Sequence
+
+import ml_collections
+
+PREFIX = "--config."
+
+
+class ConfigFileError(ValueError):
+    """A config file or override that cannot be used; the message names the file or field."""
+
+
+def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigFileError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location(f"clipup_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ConfigFileError(f"{path}: failed to load ({type(e).__name__}: {e})") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigFileError(f"{path}: defines no get_config()")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigFileError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
+    for override in overrides:
+        apply_override(config, override)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """`--config.optim.lr=3e-4` (or `optim.lr=3e-4`): the field must exist; the value keeps its type."""
+    text = override.removeprefix(PREFIX)
+    if "=" not in text:
+        raise ConfigFileError(f"override {override!r}: expected --config.field=value")
+    dotted, raw = text.split("=", 1)
+    *parents, leaf = dotted.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigFileError(f"override {override!r}: config has no field {'.'.join(parents[:i + 1])!r}")
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise ConfigFileError(f"override {override!r}: config has no field {dotted!r} (known here: {known})")
+    value = _parse(raw)
+    current = node[leaf]
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if current is not None and value is not None and not isinstance(current, ml_collections.ConfigDict) \
+            and type(value) is not type(current) and not (isinstance(current, (list, tuple)) and isinstance(value, (list, tuple))):
+        raise ConfigFileError(f"override {override!r}: {dotted} is {type(current).__name__}, got {type(value).__name__}")
+    try:
+        node[leaf] = value
+    except (TypeError, ValueError) as e:
+        raise ConfigFileError(f"override {override!r}: {e}") from e
+
+
+def _parse(raw: str):
+    if raw.lower() in ("none", "null"):
+        return None
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw  # a bare string

@@ -1,0 +1,85 @@
+"""Where training metrics go: the console (with rate and ETA), TensorBoard event files, a JSONL file.
+
+Only process 0 writes. TensorBoard files are written with tensorboard's own
+event writer, which needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import time
+from typing import Mapping
+
+import numpy as np
+
+
+class MetricsLog:
+    def __init__(self, workdir: pathlib.Path, total_steps: int, enabled: bool = True, stream=sys.stdout):
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.stream = stream
+        self._start = time.perf_counter()
+        self._last: tuple[float, int] | None = None
+        self._tb = None
+        self._jsonl = None
+        if enabled:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            (workdir / "tb").mkdir(parents=True, exist_ok=True)
+            self._tb = EventFileWriter(str(workdir / "tb"))
+            self._jsonl = open(workdir / "metrics.jsonl", "a")
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
+        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+    def progress(self, step: int, scalars: Mapping[str, float], examples_per_step: int) -> dict[str, float]:
+        """Prints one progress line; returns the rate figures so they can be logged too."""
+        now = time.perf_counter()
+        rates: dict[str, float] = {}
+        if self._last is not None and step > self._last[1]:
+            dt = (now - self._last[0]) / (step - self._last[1])
+            rates = {"step_time_s": dt, "examples_per_s": examples_per_step / dt}
+            eta = dt * (self.total_steps - step)
+            rates["eta_s"] = eta
+        self._last = (now, step)
+        if self.enabled:
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
+            rate = (f" | {rates['examples_per_s']:.1f} ex/s, {rates['step_time_s'] * 1e3:.0f} ms/step, "
+                    f"ETA {_duration(rates['eta_s'])}") if rates else ""
+            print(f"[step {step}/{self.total_steps}] {shown}{rate}", file=self.stream, flush=True)
+        return rates
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._jsonl.close()
+
+
+def _fmt(v: float) -> str:
+    v = float(v)
+    return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e4 else f"{v:.4f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def scalar_metrics(metrics: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Scalars as they are; per-expert load vectors as one scalar per expert."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            out[key] = float(value)
+        else:
+            out.update({f"{key}/{i}": float(v) for i, v in enumerate(value.reshape(-1))})
+    return out

@@ -1,0 +1,87 @@
+"""An experiment config -> data, tokenizer, evaluation and upcycler -> the training loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from clipup_jax.checkpoints.upcycle import UpcycleOptions
+from clipup_jax.checkpoints.upcycle import upcycle as upcycle_params
+from clipup_jax.config import ModelConfig
+from clipup_jax.data import synthetic
+from clipup_jax.data.pipeline import train_pipeline
+from clipup_jax.data.sources import make_source
+from clipup_jax.data.tokenizer import Tokenizer
+from clipup_jax.evaluate.run import build_eval_set, evaluate
+from clipup_jax.train.trainer import model_config, train
+
+SYNTHETIC_IMAGE_SIZE = 64  # generated resolution; the pipeline resizes to the model's
+
+
+def tokenizer_for(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+    """The configured tokenizer, or one trained on the synthetic captions (kept in the workdir, reused on resume)."""
+    if config.data.tokenizer:
+        return pathlib.Path(config.data.tokenizer)
+    directory = workdir / "tokenizer_trained"
+    if not (directory / "merges.txt").exists():
+        vocab = config.model.text.vocab_size
+        source = synthetic.SyntheticCaptions("train", config.data.synthetic_size, SYNTHETIC_IMAGE_SIZE, config.seed)
+        synthetic.build_tokenizer(directory, source, num_merges=vocab - 514)  # 512 byte symbols + SOT/EOT
+    return directory
+
+
+def _source(spec: str, config: ml_collections.ConfigDict, size: int):
+    return make_source(spec, synthetic_size=size, synthetic_image_size=SYNTHETIC_IMAGE_SIZE,
+                       synthetic_seed=config.seed)
+
+
+def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = model_config(config)
+    tokenizer_path = tokenizer_for(config, workdir)
+    tokenizer = Tokenizer.from_path(tokenizer_path)
+    if tokenizer.vocab_size > cfg.text.vocab_size:
+        raise ValueError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} tokens but "
+                         f"config.model.text.vocab_size is {cfg.text.vocab_size}")
+    train_source = _source(config.data.train, config, config.data.synthetic_size)
+
+    def data(model_cfg: ModelConfig, process_index: int, process_count: int):
+        pipeline = train_pipeline(
+            train_source, tokenizer=tokenizer, image_size=model_cfg.vision.image_size,
+            context_length=model_cfg.text.context_length, batch_size=config.batch_size // process_count,
+            seed=config.seed, process_index=process_index, process_count=process_count,
+            num_workers=config.data.num_workers)
+        return iter(pipeline)
+
+    evaluate_fn = None
+    if config.data.eval and config.eval_every:
+        eval_source = _source(config.data.eval, config, config.data.eval_size)
+        zero_shot = config.data.zero_shot == "synthetic"
+        eval_set = build_eval_set(eval_source, tokenizer, cfg.vision.image_size, cfg.text.context_length,
+                                  config.data.eval_size,
+                                  synthetic.CLASS_NAMES if zero_shot else (),
+                                  synthetic.CLASS_PROMPT_TEMPLATES if zero_shot else ())
+
+        def evaluate_fn(model, step):
+            return evaluate(model, eval_set, tokenizer, config.eval_batch_size)
+
+    def upcycle(params: dict[str, np.ndarray], dense: ModelConfig, sparse: ModelConfig, seed: int):
+        """Experts = copies of the dense MLPs (optionally noised / drop-upcycled), fresh routers."""
+        towers = tuple(name for name, field in (("image", "vision"), ("text", "text"))
+                       if getattr(sparse, field).moe is not None)
+        plans = {getattr(sparse, field).moe for field in ("vision", "text")} - {None}
+        if len(plans) != 1:
+            raise ValueError("upcycling from config.init.checkpoint needs one MoE plan shared by the sparse towers")
+        opts = UpcycleOptions(plan=plans.pop(), towers=towers, expert_noise=config.upcycle.expert_noise,
+                              drop_upcycling=config.upcycle.drop_upcycling, seed=seed)
+        up = upcycle_params(dense, params, opts, source=str(config.init.checkpoint))
+        if up.config != sparse:
+            raise ValueError(f"{config.init.checkpoint}: upcycling it gives a model config other than config.model")
+        return up.host_params()
+
+    return train(config, workdir, data=data, tokenizer=tokenizer_path, evaluate=evaluate_fn, upcycle=upcycle)

@@ -1,0 +1,82 @@
+"""The train state and the one jit-compiled train step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from clipup_jax.models import CLIP
+from clipup_jax.models.layers import LN_100
+from clipup_jax.models.moe import moe_aux
+from clipup_jax.train.losses import clip_softmax_loss, siglip_sigmoid_loss
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State  # nnx.Param leaves of the CLIP
+    opt_state: optax.OptState
+    rest: nnx.State  # non-parameter model state (router-noise RNG counters), advanced every step
+
+
+def init_state(model: CLIP, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rest)
+
+
+def _global_norm(tree: Any) -> jax.Array:
+    return optax.global_norm(jax.tree.leaves(tree))
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_name: str,
+                    schedule: optax.Schedule):
+    """(state, batch) -> (state, metrics). Aux losses of every MoE layer join the contrastive loss."""
+
+    def loss_fn(params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]):
+        model = nnx.merge(graphdef, params, rest)
+        model.set_attributes(deterministic=False, raise_if_not_found=False)  # train capacity + router noise
+        out, intermediates = nnx.capture(lambda m: m(batch["pixels"], batch["tokens"]), nnx.Intermediate)(model)
+        if loss_name == "siglip":
+            contrastive = siglip_sigmoid_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
+        else:
+            contrastive = clip_softmax_loss(out.image_features, out.text_features, out.logit_scale)
+        aux, per_layer = moe_aux(intermediates)
+        metrics = {"contrastive_loss": contrastive, "aux_loss": aux, "logit_scale": out.logit_scale}
+        for layer, values in per_layer.items():
+            for key in ("drop_fraction", "router_entropy", "load_balancing", "router_z"):
+                if key in values:
+                    metrics[f"moe/{layer}/{key}"] = values[key]
+            metrics[f"moe/{layer}/expert_load"] = values["expert_load"]
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return contrastive + aux, (metrics, new_rest)
+
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # open_clip clamps the temperature after every step: exp(logit_scale) stays within [1, 100].
+        params["logit_scale"] = jax.tree.map(lambda v: jnp.clip(v, 0.0, LN_100), params["logit_scale"])
+        finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        metrics = dict(metrics, loss=loss, grad_norm=_global_norm(grads), param_norm=_global_norm(params),
+                       lr=schedule(state.step), finite=finite)
+        return TrainState(state.step + 1, params, opt_state, rest), metrics
+
+    return step
+
+
+def flops_per_step(compiled: Any) -> float:
+    """FLOPs of one compiled step from XLA's cost analysis (0 when the backend reports none)."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return 0.0
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    flops = float((analysis or {}).get("flops", 0.0))
+    return flops if math.isfinite(flops) else 0.0

@@ -1,0 +1,187 @@
+"""The training loop, top to bottom: mesh, model, state, restore-or-init, step, log, evaluate, save."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clipup_jax.checkpoints.format import TOKENIZER_DIR, load_checkpoint, metadata_dict, write_metadata
+from clipup_jax.checkpoints.params import check_params
+from clipup_jax.config import ModelConfig
+from clipup_jax.data.tokenizer import source_files
+from clipup_jax.models import CLIP
+from clipup_jax.parallel.mesh import make_mesh
+from clipup_jax.parallel.sharding import batch_spec, param_shardings
+from clipup_jax.train.checkpointing import TrainCheckpoints, abstract_like
+from clipup_jax.train.metrics_log import MetricsLog, scalar_metrics
+from clipup_jax.train.optimizer import _path_name, make_optimizer
+from clipup_jax.train.step import TrainState, flops_per_step, init_state, make_train_step
+
+DataFactory = Callable[[ModelConfig, int, int], Iterator[dict[str, np.ndarray]]]
+EvalFn = Callable[[CLIP, int], dict[str, float]]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or a gradient became NaN/Inf; the last good checkpoint is kept as it is."""
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    return ModelConfig.from_dict(config.model.to_dict())
+
+
+def _state_shardings(state: TrainState, mesh, cfg: ModelConfig) -> TrainState:
+    """Params by the logical-axis rules; optimizer moments like their parameter; everything else replicated."""
+    by_name = param_shardings(cfg, mesh)
+    shapes = {name: tuple(leaf.shape) for name, leaf in _flat(state.params).items()}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        parts = _path_name(path).split("/")
+        for start in range(len(parts)):  # optimizer paths end with the parameter's own name
+            name = "/".join(parts[start:])
+            if name in by_name and tuple(leaf.shape) == shapes[name]:
+                return by_name[name]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def _flat(params: nnx.State) -> dict[str, Any]:
+    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _initial_model(config: ml_collections.ConfigDict, cfg: ModelConfig, dtype: jnp.dtype,
+                   upcycle: Callable | None) -> CLIP:
+    """Fresh init, or the weights of `config.init.checkpoint` (upcycled when it is dense and the model sparse)."""
+    model = CLIP(cfg, nnx.Rngs(config.seed, router=config.seed + 1), dtype)
+    if not config.init.checkpoint:
+        return model
+    ckpt = load_checkpoint(config.init.checkpoint)
+    params = ckpt.params
+    if cfg.is_sparse and not ckpt.config.is_sparse:
+        if upcycle is None:
+            raise ValueError("config.init.checkpoint is dense but the model is sparse, and no upcycler was given")
+        params = upcycle(params, ckpt.config, cfg, config.seed)
+    elif ckpt.config != cfg:
+        raise ValueError(f"{config.init.checkpoint}: its model config differs from config.model; "
+                         "fix config.model or start from a compatible checkpoint")
+    check_params(params, cfg, str(config.init.checkpoint))
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    for path, var in flat:
+        var.set_value(jnp.asarray(params["/".join(str(p) for p in path)], jnp.float32))
+    nnx.update(model, nnx.from_flat_state(flat))
+    return model
+
+
+def _write_workdir_metadata(workdir: pathlib.Path, cfg: ModelConfig, tokenizer: pathlib.Path | None,
+                            config: ml_collections.ConfigDict) -> None:
+    """Makes the workdir self-describing, like a converted checkpoint: config, tokenizer, experiment config."""
+    entry = None
+    if tokenizer is not None:
+        files = source_files(tokenizer)
+        (workdir / TOKENIZER_DIR).mkdir(exist_ok=True)
+        for f in files:
+            shutil.copy2(f, workdir / TOKENIZER_DIR / f.name)
+        entry = TOKENIZER_DIR if tokenizer.is_dir() else f"{TOKENIZER_DIR}/{tokenizer.name}"
+    source = {"format": "clipup-train", "init": str(config.init.checkpoint or "")}
+    write_metadata(workdir, metadata_dict(cfg, source, entry, "adam"))
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, data: DataFactory,
+          tokenizer: pathlib.Path | None = None, evaluate: EvalFn | None = None,
+          upcycle: Callable | None = None) -> dict[str, Any]:
+    """Runs (or resumes) `config` in `workdir`; returns the history of logged metrics and evaluations."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = model_config(config)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
+    mesh = make_mesh(dict(config.mesh))
+    data_axes = np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert") if a in mesh.shape])
+    if config.batch_size % data_axes:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel devices "
+                         f"({data_axes}: mesh {dict(mesh.shape)})")
+    main_process = jax.process_index() == 0
+    log = MetricsLog(workdir, config.total_steps, enabled=main_process)
+    history: dict[str, Any] = {"train": [], "eval": []}
+
+    with jax.set_mesh(mesh):
+        model = _initial_model(config, cfg, dtype, upcycle)
+        graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+        tx, schedule = make_optimizer(config.optim, params, config.total_steps)
+        graphdef, state = init_state(model, tx)
+        shardings = _state_shardings(state, mesh, cfg)
+        state = jax.device_put(state, shardings)
+        checkpoints = TrainCheckpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
+        data_iter = data(cfg, jax.process_index(), jax.process_count())
+        if checkpoints.latest_step() is not None:
+            state = checkpoints.restore(abstract_like(state, shardings), data_iter)
+            print(f"resumed from {workdir / 'checkpoints'} at step {int(state.step)}", flush=True)
+        elif main_process:
+            _write_workdir_metadata(workdir, cfg, tokenizer, config)
+
+        batch_sharding = {"pixels": NamedSharding(mesh, batch_spec(mesh, 4)),
+                          "tokens": NamedSharding(mesh, batch_spec(mesh, 2))}
+        step_fn = jax.jit(make_train_step(graphdef, tx, config.loss, schedule),
+                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+
+        def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+            return {k: jax.make_array_from_process_local_data(batch_sharding[k], local[k]) for k in batch_sharding}
+
+        preempted = []
+        previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+        flops = None
+        skipped = 0  # examples the pipeline dropped (corrupt images, empty captions), summed over this run
+        start_step = int(state.step)
+        try:
+            for step in range(start_step + 1, config.total_steps + 1):
+                local = next(data_iter)
+                skipped += int(local.get("num_skipped", 0))
+                batch = global_batch(local)
+                if flops is None:
+                    flops = flops_per_step(step_fn.lower(state, batch).compile())
+                state, metrics = step_fn(state, batch)
+                if step % config.log_every == 0 or step == config.total_steps:
+                    metrics = jax.device_get(metrics)
+                    if not bool(metrics.pop("finite")):
+                        raise NonFiniteLoss(f"step {step}: loss or gradients are not finite (loss={metrics['loss']}); "
+                                            f"latest good checkpoint: step {checkpoints.latest_step()}")
+                    scalars = {**scalar_metrics(metrics), "data/skipped_examples": float(skipped)}
+                    shown = {k: scalars[k] for k in ("loss", "contrastive_loss", "aux_loss", "lr") if k in scalars}
+                    rates = log.progress(step, shown, config.batch_size)
+                    if rates and flops:
+                        rates["tflops_per_s"] = flops / rates["step_time_s"] / 1e12
+                        if config.peak_tflops_per_device:
+                            rates["mfu"] = rates["tflops_per_s"] / (config.peak_tflops_per_device * jax.device_count())
+                    log.write(step, {**scalars, **rates})
+                    history["train"].append({"step": step, **scalars, **rates})
+                if evaluate is not None and config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
+                    results = evaluate(nnx.merge(graphdef, state.params, state.rest), step)
+                    log.write(step, {f"eval/{k}": v for k, v in results.items()})
+                    history["eval"].append({"step": step, **results})
+                    if main_process:
+                        print(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
+                checkpoints.save(step, state, data_iter, force=step == config.total_steps or bool(preempted))
+                if preempted:
+                    print(f"SIGTERM: saved step {step}, stopping", flush=True)
+                    break
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            checkpoints.close()
+            log.close()
+    if main_process:
+        (workdir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    history["final_params"] = state.params
+    return history
