@@ -31,7 +31,7 @@ def init_state(model: CLIP, tx: optax.GradientTransformation) -> tuple[nnx.Graph
 
 
 def _global_norm(tree: Any) -> jax.Array:
-    return optax.global_norm(jax.tree.leaves(tree))
+    return optax.tree.norm(tree)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_name: str,

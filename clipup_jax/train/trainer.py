@@ -127,7 +127,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
         checkpoints = TrainCheckpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
         data_iter = data(cfg, jax.process_index(), jax.process_count())
         if checkpoints.latest_step() is not None:
-            state = checkpoints.restore(abstract_like(state, shardings), data_iter)
+            try:
+                state = checkpoints.restore(abstract_like(state, shardings), data_iter)
+            except ValueError as e:
+                raise ValueError(f"{workdir}: its checkpoint does not fit this config's train state (model or "
+                                 f"optimizer changed since it was written?): {str(e).splitlines()[0]}") from e
             print(f"resumed from {workdir / 'checkpoints'} at step {int(state.step)}", flush=True)
         elif main_process:
             _write_workdir_metadata(workdir, cfg, tokenizer, config)

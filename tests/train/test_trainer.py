@@ -1,0 +1,123 @@
+"""The training loop for real: synthetic data through grain, Orbax checkpoints on disk, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from clipup_jax.checkpoints.format import load_checkpoint
+from clipup_jax.cli.train import main as train_main
+from clipup_jax.config import ModelConfig, MoEPlan, TextConfig, VisionConfig
+from clipup_jax.models import CLIP
+from clipup_jax.train.configs import ConfigFileError, apply_override, load_config
+from clipup_jax.train.recipes import base_config, sparse
+from clipup_jax.train.run import run_experiment
+from clipup_jax.train.trainer import NonFiniteLoss
+from tests.cli_helpers import invoke
+
+TINY = ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64),
+                   text=TextConfig(vocab_size=768, context_length=16, width=32, depth=2, heads=2, mlp_dim=64),
+                   embed_dim=16)
+
+
+def _config(model: ModelConfig = TINY, steps: int = 6):
+    config = base_config(model)
+    config.data.synthetic_size = 2000
+    config.data.eval_size = 40
+    config.batch_size = 16
+    config.total_steps = steps
+    config.optim.warmup_steps = 2
+    config.log_every = 1
+    config.eval_every = 0
+    config.checkpoint_every = 3
+    return config
+
+
+def _params(workdir: pathlib.Path) -> dict[str, np.ndarray]:
+    return load_checkpoint(workdir).params
+
+
+def test_resume_continues_exactly(tmp_path):
+    """3 steps + resume 3 steps == 6 straight steps, bitwise: params, optimizer and data position restored."""
+    straight = _config(steps=6)
+    run_experiment(straight, tmp_path / "straight")
+    first = _config(steps=3)
+    run_experiment(first, tmp_path / "resumed")
+    history = run_experiment(_config(steps=6), tmp_path / "resumed")
+    assert [h["step"] for h in history["train"]] == [4, 5, 6]
+    want, got = _params(tmp_path / "straight"), _params(tmp_path / "resumed")
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    meta = json.loads((tmp_path / "resumed" / "clipup.json").read_text())
+    assert meta["kind"] == "dense" and meta["tokenizer"] == "tokenizer"
+    assert load_checkpoint(tmp_path / "resumed").metadata["step"] == 6
+
+
+def test_sparse_from_dense_checkpoint_upcycles_and_learns(tmp_path):
+    run_experiment(_config(steps=3), tmp_path / "dense")
+    config = _config(sparse(TINY, MoEPlan(num_experts=4, top_k=2)), steps=4)
+    config.init.checkpoint = str(tmp_path / "dense")
+    config.data.tokenizer = str(tmp_path / "dense" / "tokenizer")
+    config.eval_every = 4
+    history = run_experiment(config, tmp_path / "sparse")
+    assert history["train"][-1]["aux_loss"] > 0
+    assert any(k.endswith("/expert_load/3") for k in history["train"][-1])
+    assert {"text_to_image_R@1", "image_to_text_R@10", "zero_shot_top1"} <= set(history["eval"][-1])
+    ckpt = load_checkpoint(tmp_path / "sparse")
+    assert ckpt.metadata["kind"] == "sparse"
+    assert ckpt.params["visual/encoder/blocks/1/mlp/fc1_kernel"].shape == (4, 32, 64)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_experiment(_config(steps=3), tmp_path / "run")
+    good = _params(tmp_path / "run")
+    config = _config(steps=6)
+    config.optim.lr = 1e30  # the next update blows the parameters up
+    with pytest.raises(NonFiniteLoss, match="not finite"):
+        run_experiment(config, tmp_path / "run")
+    # Step 4 made the parameters huge but finite (and was saved); step 5's loss is NaN: nothing later is saved.
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.metadata["step"] in (3, 4)
+    assert all(np.all(np.isfinite(v)) for v in ckpt.params.values())
+    if ckpt.metadata["step"] == 3:
+        for name in good:
+            np.testing.assert_array_equal(ckpt.params[name], good[name])
+
+
+def test_overrides_refuse_typos_and_wrong_types(tmp_path):
+    config = _config()
+    apply_override(config, "--config.optim.lr=3e-4")
+    assert config.optim.lr == 3e-4
+    apply_override(config, "--config.mesh.data=2")
+    assert config.mesh.data == 2
+    with pytest.raises(ConfigFileError, match="optim.lrr"):
+        apply_override(config, "--config.optim.lrr=1")
+    with pytest.raises(ConfigFileError, match="int"):
+        apply_override(config, "--config.total_steps=many")
+    with pytest.raises(ConfigFileError, match="not found"):
+        load_config(tmp_path / "nope.py")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    cfg_file = pathlib.Path(__file__).parents[2] / "experiments" / "demo.py"
+    code, out, err = invoke(train_main, ["--config", cfg_file, "--workdir", tmp_path / "w",
+                                         "--config.optim.lrr=1"], capsys)
+    assert code == 2 and "optim.lrr" in err and len(err.strip().splitlines()) == 1
+    code, out, err = invoke(train_main, ["--config", cfg_file, "--workdir", tmp_path / "w",
+                                         "--config.batch_size=63"], capsys)  # 8 simulated devices on `data`
+    assert code == 2 and "batch_size=63" in err
+
+
+@pytest.mark.parametrize("name", ["clip_b16_dense", "clipup_b16", "clipup_b32", "clipup_l14"])
+def test_recipes_build_their_models(name):
+    """Production recipes load and their model configs validate (shapes are checked abstractly in parallel tests)."""
+    config = load_config(pathlib.Path(__file__).parents[2] / "experiments" / f"{name}.py")
+    cfg = ModelConfig.from_dict(config.model.to_dict())
+    assert cfg.is_sparse == name.startswith("clipup")
+    assert config.batch_size % 256 == 0
+    abstract = nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0)))
+    assert abstract.visual.encoder.blocks[1].mlp.__class__.__name__ == ("MoeMlp" if cfg.is_sparse else "Mlp")
