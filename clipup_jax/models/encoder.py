@@ -31,8 +31,11 @@ class Block(nnx.Module):
 
 
 class Encoder(nnx.Module):
+    """`remat` recomputes each block's activations in the backward pass instead of storing them."""
+
     def __init__(self, width: int, heads: int, mlp_dim: int, depth: int, activation: Activation, ln_eps: float,
-                 rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32, moe: MoEPlan | None = None):
+                 rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32, moe: MoEPlan | None = None, remat: bool = False):
+        self.remat = remat
         sparse = set(moe.layer_indices(depth)) if moe is not None else set()
         self.blocks = nnx.List([
             Block(width, heads, mlp_dim, depth, activation, ln_eps, rngs, dtype, moe if i in sparse else None)
@@ -41,5 +44,5 @@ class Encoder(nnx.Module):
 
     def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
         for block in self.blocks:
-            x = block(x, causal)
+            x = nnx.remat(lambda b, h: b(h, causal))(block, x) if self.remat else block(x, causal)
         return x

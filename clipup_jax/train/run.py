@@ -39,6 +39,11 @@ def _source(spec: str, config: ml_collections.ConfigDict, size: int):
                        synthetic_seed=config.seed)
 
 
+def eval_source(config: ml_collections.ConfigDict):
+    """The eval data a config names (the synthetic eval split is generated at `config.data.eval_size`)."""
+    return _source(config.data.eval, config, config.data.eval_size)
+
+
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -60,9 +65,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
 
     evaluate_fn = None
     if config.data.eval and config.eval_every:
-        eval_source = _source(config.data.eval, config, config.data.eval_size)
         zero_shot = config.data.zero_shot == "synthetic"
-        eval_set = build_eval_set(eval_source, tokenizer, cfg.vision.image_size, cfg.text.context_length,
+        eval_set = build_eval_set(eval_source(config), tokenizer, cfg.vision.image_size, cfg.text.context_length,
                                   config.data.eval_size,
                                   synthetic.CLASS_NAMES if zero_shot else (),
                                   synthetic.CLASS_PROMPT_TEMPLATES if zero_shot else ())

@@ -65,7 +65,7 @@ def _flat(params: nnx.State) -> dict[str, Any]:
 def _initial_model(config: ml_collections.ConfigDict, cfg: ModelConfig, dtype: jnp.dtype,
                    upcycle: Callable | None) -> CLIP:
     """Fresh init, or the weights of `config.init.checkpoint` (upcycled when it is dense and the model sparse)."""
-    model = CLIP(cfg, nnx.Rngs(config.seed, router=config.seed + 1), dtype)
+    model = CLIP(cfg, nnx.Rngs(config.seed, router=config.seed + 1), dtype, remat=config.remat)
     if not config.init.checkpoint:
         return model
     ckpt = load_checkpoint(config.init.checkpoint)

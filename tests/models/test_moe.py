@@ -184,3 +184,22 @@ def test_text_tower_refuses_expert_choice():
     plan = MoEPlan(num_experts=E, router="expert_choice")
     with pytest.raises(ConfigError, match="causal"):
         cfg.replace(text=dataclasses.replace(cfg.text, moe=plan)).validate()
+
+
+def test_remat_changes_memory_not_results():
+    cfg = _sparse_tiny(layers=(1,))
+    pixels = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    tokens = jnp.ones((2, 16), jnp.int32)
+    results = []
+    for remat in (False, True):
+        graphdef, params, rest = nnx.split(CLIP(cfg, nnx.Rngs(0), remat=remat), nnx.Param, ...)
+
+        def loss(params):
+            out, intermediates = nnx.capture(lambda m: m(pixels, tokens), nnx.Intermediate)(
+                nnx.merge(graphdef, params, rest))
+            return jnp.sum(out.image_features * out.text_features) + moe_aux(intermediates)[0]
+
+        results.append(jax.jit(jax.value_and_grad(loss))(params))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

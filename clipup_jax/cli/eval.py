@@ -1,0 +1,61 @@
+"""clipup-eval: retrieval (and zero-shot, where the data has labels) of a checkpoint or training workdir.
+
+    clipup-eval --checkpoint runs/clipup_b16 --config experiments/clipup_b16.py [--config.data.eval=...] [--out m.json]
+
+The checkpoint's own model config and tokenizer are used; the experiment config names the eval data.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
+from clipup_jax.train.configs import PREFIX, load_config
+
+
+def _evaluate(checkpoint: pathlib.Path, config_path: pathlib.Path, overrides: list[str], out: pathlib.Path | None) -> None:
+    from clipup_jax.checkpoints.format import atomic_file, load_checkpoint
+    from clipup_jax.checkpoints.params import model_from_params
+    from clipup_jax.data import synthetic
+    from clipup_jax.data.tokenizer import Tokenizer
+    from clipup_jax.evaluate.run import build_eval_set, evaluate
+    from clipup_jax.train.run import eval_source
+
+    config = load_config(config_path, overrides)
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.tokenizer_path is None:
+        raise ValueError(f"{checkpoint}: has no tokenizer; import it with --tokenizer")
+    tokenizer = Tokenizer.from_path(ckpt.tokenizer_path)
+    cfg = ckpt.config
+    zero_shot = config.data.zero_shot == "synthetic"
+    eval_set = build_eval_set(eval_source(config), tokenizer, cfg.vision.image_size, cfg.text.context_length,
+                              config.data.eval_size, synthetic.CLASS_NAMES if zero_shot else (),
+                              synthetic.CLASS_PROMPT_TEMPLATES if zero_shot else ())
+    metrics = evaluate(model_from_params(cfg, ckpt.params, source=str(checkpoint)), eval_set, tokenizer,
+                       config.eval_batch_size)
+    step = ckpt.metadata.get("step")
+    print(f"{checkpoint}{f' (step {step})' if step is not None else ''} on {config.data.eval}, "
+          f"{len(eval_set.pixels)} images / {len(eval_set.tokens)} captions:")
+    for key, value in metrics.items():
+        print(f"  {key:<34}{100 * value:6.2f}")
+    if out is not None:
+        atomic_file(out, lambda f: f.write(json.dumps({"checkpoint": str(checkpoint), "step": step, **metrics},
+                                                      indent=2).encode() + b"\n"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_libraries()
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [a for a in argv if a.startswith(PREFIX)]
+    parser = Parser(prog="clipup-eval", description=__doc__)
+    parser.add_argument("--checkpoint", type=pathlib.Path, required=True, help="checkpoint dir or training workdir")
+    parser.add_argument("--config", type=pathlib.Path, required=True, help="experiment file naming the eval data")
+    parser.add_argument("--out", type=pathlib.Path, help="write the metrics as JSON too")
+    args = parser.parse_args([a for a in argv if not a.startswith(PREFIX)])
+    run_cli("clipup-eval", lambda: _evaluate(args.checkpoint, args.config, overrides, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""clipup-eval on a training workdir, and clipup-sweep's validation and launch commands."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from clipup_jax.cli.eval import main as eval_main
+from clipup_jax.cli.sweep import main as sweep_main
+from clipup_jax.train.recipes import demo_config
+from clipup_jax.train.run import run_experiment
+from tests.cli_helpers import invoke
+
+EXPERIMENTS = pathlib.Path(__file__).parents[2] / "experiments"
+
+
+def test_eval_a_training_workdir(tmp_path, capsys):
+    config = demo_config()
+    config.total_steps, config.batch_size, config.eval_every, config.checkpoint_every = 2, 16, 0, 2
+    config.data.synthetic_size = 500
+    run_experiment(config, tmp_path / "run")
+    code, out, err = invoke(eval_main, ["--checkpoint", tmp_path / "run", "--config", EXPERIMENTS / "demo.py",
+                                        "--config.data.eval_size=24", "--out", tmp_path / "m.json"], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["step"] == 2 and 0 <= metrics["text_to_image_R@10"] <= 1 and "zero_shot_top1" in metrics
+    assert "24 images / 72 captions" in out
+
+
+def test_sweep_dry_run_and_bad_override(tmp_path, capsys):
+    code, out, err = invoke(sweep_main, [EXPERIMENTS / "sweeps" / "clipup_demo_ablations.py",
+                                         "--workdir", tmp_path, "--dry-run"], capsys)
+    assert code == 0, err
+    assert out.count("clipup-train --config") == 10 and "--config.model.shared_backbone=True" in out
+    bad = tmp_path / "bad.py"
+    bad.write_text(f"BASE = {str(EXPERIMENTS / 'demo.py')!r}\n"
+                   "def get_sweep():\n    return [{'name': 'x', 'overrides': ['--config.optim.lrr=1']}]\n")
+    code, out, err = invoke(sweep_main, [bad, "--workdir", tmp_path / "w"], capsys)
+    assert code == 2 and "optim.lrr" in err and not (tmp_path / "w").exists()
