@@ -62,10 +62,20 @@ def _flat(params: nnx.State) -> dict[str, Any]:
     return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def _initial_model(config: ml_collections.ConfigDict, cfg: ModelConfig, dtype: jnp.dtype,
-                   upcycle: Callable | None) -> CLIP:
+def _dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if config.compute_dtype not in dtypes:
+        raise ValueError(f"config.compute_dtype={config.compute_dtype!r}: expected one of {', '.join(dtypes)}")
+    return dtypes[config.compute_dtype]
+
+
+def _fresh_model(config: ml_collections.ConfigDict, cfg: ModelConfig) -> CLIP:
+    return CLIP(cfg, nnx.Rngs(config.seed, router=config.seed + 1), _dtype(config), remat=config.remat)
+
+
+def _initial_model(config: ml_collections.ConfigDict, cfg: ModelConfig, upcycle: Callable | None) -> CLIP:
     """Fresh init, or the weights of `config.init.checkpoint` (upcycled when it is dense and the model sparse)."""
-    model = CLIP(cfg, nnx.Rngs(config.seed, router=config.seed + 1), dtype, remat=config.remat)
+    model = _fresh_model(config, cfg)
     if not config.init.checkpoint:
         return model
     ckpt = load_checkpoint(config.init.checkpoint)
@@ -83,6 +93,42 @@ def _initial_model(config: ml_collections.ConfigDict, cfg: ModelConfig, dtype: j
         var.set_value(jnp.asarray(params["/".join(str(p) for p in path)], jnp.float32))
     nnx.update(model, nnx.from_flat_state(flat))
     return model
+
+
+def _mesh(config: ml_collections.ConfigDict):
+    mesh = make_mesh(dict(config.mesh))
+    data_axes = np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert") if a in mesh.shape])
+    if config.batch_size % data_axes:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel devices "
+                         f"({data_axes}: mesh {dict(mesh.shape)})")
+    return mesh
+
+
+def _batch_shardings(mesh) -> dict[str, NamedSharding]:
+    return {"pixels": NamedSharding(mesh, batch_spec(mesh, 4)), "tokens": NamedSharding(mesh, batch_spec(mesh, 2))}
+
+
+def _jit_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx, schedule, shardings, mesh):
+    return jax.jit(make_train_step(graphdef, tx, config.loss, schedule),
+                   in_shardings=(shardings, _batch_shardings(mesh)), out_shardings=(shardings, None),
+                   donate_argnums=0)
+
+
+def lower_train_step(config: ml_collections.ConfigDict) -> jax.stages.Lowered:
+    """The config's train step traced and lowered on its mesh with abstract state and batch: checks shapes,
+    shardings and collectives of a full-size recipe without allocating the model."""
+    cfg = model_config(config)
+    mesh = _mesh(config)
+    with jax.set_mesh(mesh):
+        graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: _fresh_model(config, cfg)), nnx.Param, ...)
+        tx, schedule = make_optimizer(config.optim, params, config.total_steps)
+        state = jax.eval_shape(lambda: init_state(_fresh_model(config, cfg), tx)[1])
+        shardings = _state_shardings(state, mesh, cfg)
+        v, t = cfg.vision, cfg.text
+        batch = {"pixels": jax.ShapeDtypeStruct((config.batch_size, v.image_size, v.image_size, 3), jnp.float32),
+                 "tokens": jax.ShapeDtypeStruct((config.batch_size, t.context_length), jnp.int32)}
+        batch = {k: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=_batch_shardings(mesh)[k]) for k, b in batch.items()}
+        return _jit_step(config, graphdef, tx, schedule, shardings, mesh).lower(abstract_like(state, shardings), batch)
 
 
 def _write_workdir_metadata(workdir: pathlib.Path, cfg: ModelConfig, tokenizer: pathlib.Path | None,
@@ -107,26 +153,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = model_config(config)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.compute_dtype]
-    mesh = make_mesh(dict(config.mesh))
-    data_axes = np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert") if a in mesh.shape])
-    if config.batch_size % data_axes:
-        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel devices "
-                         f"({data_axes}: mesh {dict(mesh.shape)})")
+    mesh = _mesh(config)
     main_process = jax.process_index() == 0
     log = MetricsLog(workdir, config.total_steps, enabled=main_process)
     history: dict[str, Any] = {"train": [], "eval": []}
 
     with jax.set_mesh(mesh):
-        model = _initial_model(config, cfg, dtype, upcycle)
+        checkpoints = TrainCheckpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
+        resuming = checkpoints.latest_step() is not None
+        # On resume the weights come from the workdir: skip loading (and upcycling) the init checkpoint.
+        model = _fresh_model(config, cfg) if resuming else _initial_model(config, cfg, upcycle)
         graphdef, params, _ = nnx.split(model, nnx.Param, ...)
         tx, schedule = make_optimizer(config.optim, params, config.total_steps)
         graphdef, state = init_state(model, tx)
         shardings = _state_shardings(state, mesh, cfg)
         state = jax.device_put(state, shardings)
-        checkpoints = TrainCheckpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
         data_iter = data(cfg, jax.process_index(), jax.process_count())
-        if checkpoints.latest_step() is not None:
+        if resuming:
             try:
                 state = checkpoints.restore(abstract_like(state, shardings), data_iter)
             except ValueError as e:
@@ -136,10 +179,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
         elif main_process:
             _write_workdir_metadata(workdir, cfg, tokenizer, config)
 
-        batch_sharding = {"pixels": NamedSharding(mesh, batch_spec(mesh, 4)),
-                          "tokens": NamedSharding(mesh, batch_spec(mesh, 2))}
-        step_fn = jax.jit(make_train_step(graphdef, tx, config.loss, schedule),
-                          in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+        batch_sharding = _batch_shardings(mesh)
+        step_fn = _jit_step(config, graphdef, tx, schedule, shardings, mesh)
 
         def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
             return {k: jax.make_array_from_process_local_data(batch_sharding[k], local[k]) for k in batch_sharding}
