@@ -27,6 +27,11 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks.tokenizer
+	$(BIN)/python -m benchmarks.synthetic_data
+	$(BIN)/python -m benchmarks.data_pipeline
+	$(BIN)/python -m benchmarks.moe_layer
+	$(BIN)/python -m benchmarks.train_step
+	$(BIN)/python -m benchmarks.upcycle
 
 clean:
 	rm -rf $(VENV) out

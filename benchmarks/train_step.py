@@ -30,22 +30,6 @@ from clipup_jax.train.optimizer import make_optimizer
 from clipup_jax.train.step import flops_per_step, init_state, make_train_step
 
 
-def _timed(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    return 2 * n**3 / _timed(mm, a, reps=reps)
-
-
 def _step(cfg: ModelConfig, config: ml_collections.ConfigDict, batch: dict[str, jax.Array]):
     model = CLIP(cfg, nnx.Rngs(0))
     graphdef, params, _ = nnx.split(model, nnx.Param, ...)
@@ -74,13 +58,21 @@ def main() -> None:
              "tokens": jnp.asarray(rng.randint(1, 1023, (args.batch, 32)), jnp.int32)}
     config = base_config(dense)
 
-    peak = matmul_flops_per_s(reps=args.reps)
-    rows = {}
-    for name, cfg in (("dense", dense), ("CLIP-UP 8e top-2", moe)):
-        compiled, state, xla_flops = _step(cfg, config, batch)
-        t = _timed(lambda s: compiled(s, batch)[1]["loss"], state, reps=args.reps)
-        model_flops = 3 * args.batch * (image_flops(cfg) + text_flops(cfg))
-        rows[name] = (t, model_flops, xla_flops)
+    steps = {name: (cfg, *_step(cfg, config, batch)) for name, cfg in (("dense", dense), ("CLIP-UP 8e top-2", moe))}
+    mm = jax.jit(lambda x: x @ x)
+    a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
+    runs = {"matmul": lambda: mm(a), **{n: (lambda c=c, s=s: c(s, batch)[1]["loss"]) for n, (_, c, s, _) in steps.items()}}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():
+        jax.block_until_ready(fn())
+    for _ in range(args.reps):  # interleaved, so machine noise hits every row alike
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    peak = 2 * 2048**3 / statistics.median(times["matmul"])
+    rows = {name: (statistics.median(times[name]), 3 * args.batch * (image_flops(cfg) + text_flops(cfg)), xla)
+            for name, (cfg, _, _, xla) in steps.items()}
     print(f"train step (fwd + bwd + AdamW): width {w}, depth {d}, batch {args.batch}, 64px/patch 8 images, "
           f"77->32 tokens, float32, {jax.default_backend()}; matmul reference {peak / 1e9:.1f} GFLOP/s")
     print(f"{'model':<20}{'step ms':>10}{'model GFLOP':>13}{'XLA GFLOP':>11}{'GFLOP/s':>10}{'of matmul':>11}"
