@@ -47,7 +47,7 @@ def _step(name: str, root: pathlib.Path, args: argparse.Namespace) -> dict[str, 
     import orbax.checkpoint as ocp
 
     from clipup_jax.checkpoints import format as ckpt_format
-    from clipup_jax.checkpoints.params import count_params
+    from clipup_jax.models.param_tree import count_params
     from clipup_jax.checkpoints.upcycle import upcycle, upcycle_checkpoint
 
     seconds, output = 0.0, 0
@@ -100,7 +100,7 @@ def _run_child(name: str, root: pathlib.Path, args: argparse.Namespace) -> dict[
 
 def _write_dense(root: pathlib.Path, moments: bool) -> None:
     from clipup_jax.checkpoints.format import AdamMoments, save_checkpoint
-    from clipup_jax.checkpoints.params import abstract_params
+    from clipup_jax.models.param_tree import abstract_params
     from clipup_jax.config import preset
 
     cfg = preset(PRESET)

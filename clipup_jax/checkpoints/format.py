@@ -34,7 +34,8 @@ import tensorstore as ts
 
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.train_workdir import is_train_workdir, read_train_params
-from clipup_jax.checkpoints.params import abstract_params, check_params
+from clipup_jax.checkpoints.params import check_params
+from clipup_jax.models.param_tree import abstract_params
 from clipup_jax.config import ConfigError, ModelConfig
 
 FORMAT_VERSION = 1

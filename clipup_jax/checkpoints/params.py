@@ -16,7 +16,7 @@ from flax import nnx
 from clipup_jax.checkpoints.errors import CheckpointError, key_list
 from clipup_jax.config import ModelConfig
 from clipup_jax.models import CLIP
-from clipup_jax.models.param_tree import abstract_params, count_params, flat_name, logical_axes, params_of  # noqa: F401
+from clipup_jax.models.param_tree import abstract_params, flat_name
 
 
 def check_params(params: Mapping[str, np.ndarray], cfg: ModelConfig, source: str) -> None:

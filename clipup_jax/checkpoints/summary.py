@@ -6,7 +6,7 @@ import re
 from typing import Mapping
 
 from clipup_jax.checkpoints.format import Checkpoint
-from clipup_jax.checkpoints.params import count_params
+from clipup_jax.models.param_tree import count_params
 from clipup_jax.config import ModelConfig, MoEPlan
 from clipup_jax.models.flops import dense_equivalent, experts_per_token, image_flops, image_tokens, text_flops
 

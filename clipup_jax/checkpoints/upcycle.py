@@ -31,7 +31,9 @@ import numpy as np
 from clipup_jax.checkpoints.errors import CheckpointError, key_list
 from clipup_jax.checkpoints.format import (TOKENIZER_DIR, AdamMoments, LazyStack, check_output, load_checkpoint,
                                            read_metadata, save_checkpoint)
-from clipup_jax.checkpoints.params import abstract_params, check_params
+from clipup_jax.checkpoints.params import check_params
+from clipup_jax.models.layers import mlp_init_stds
+from clipup_jax.models.param_tree import abstract_params
 from clipup_jax.config import ConfigError, ModelConfig, MoEPlan
 
 TOWERS = {"image": ("visual", "vision"), "text": ("text", "text")}  # name -> (param prefix, config field)
@@ -216,14 +218,13 @@ class _Experts:
         if drop.size:
             tower = self._tower(key)
             rng = self._rng(_DROP_INIT, key, expert)
-            # The model's own init (layers.Mlp / moe.MoeMlp): fc1 std (2 width)^-1/2, fc2 width^-1/2 (2 depth)^-1/2.
+            fc1_std, fc2_std = mlp_init_stds(tower.width, tower.depth)  # the model's own init
             if leaf == "fc1_kernel":
-                w[:, drop] = (2 * tower.width) ** -0.5 * rng.standard_normal((w.shape[0], drop.size))
+                w[:, drop] = fc1_std * rng.standard_normal((w.shape[0], drop.size))
             elif leaf == "fc1_bias":
                 w[drop] = 0.0
             elif leaf == "fc2_kernel":
-                std = tower.width**-0.5 * (2 * tower.depth) ** -0.5
-                w[drop, :] = std * rng.standard_normal((drop.size, w.shape[1]))
+                w[drop, :] = fc2_std * rng.standard_normal((drop.size, w.shape[1]))
         if noisy:
             w += self.opts.expert_noise * self._rng(_NOISE, key, expert).standard_normal(w.shape, np.float32)
         return w

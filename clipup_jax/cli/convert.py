@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from clipup_jax.checkpoints import format as ckpt_format
 from clipup_jax.checkpoints.importing import SOURCES, ImportOptions, import_checkpoint
-from clipup_jax.checkpoints.params import count_params
+from clipup_jax.models.param_tree import count_params
 from clipup_jax.checkpoints.summary import active_params, describe
 from clipup_jax.checkpoints.upcycle import UpcycleOptions, upcycle_checkpoint
 from clipup_jax.cli.errors import Parser, run_cli

@@ -53,7 +53,7 @@ def _embed(args: argparse.Namespace) -> None:
         raise ValueError("nothing to embed: give --pixels/--images and/or --tokens/--texts")
     if args.out.exists() and not args.force:
         raise ValueError(f"{args.out}: already exists (pass --force to replace it)")
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint, opt_state=False)
     cfg = ckpt.config
     embedder = Embedder(model_from_params(cfg, ckpt.params, source=str(args.checkpoint)), args.batch_size)
     size = cfg.vision.image_size

@@ -24,7 +24,7 @@ def _evaluate(checkpoint: pathlib.Path, config_path: pathlib.Path, overrides: li
     from clipup_jax.train.run import eval_source
 
     config = load_config(config_path, overrides)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, opt_state=False)
     if ckpt.tokenizer_path is None:
         raise ValueError(f"{checkpoint}: has no tokenizer; import it with --tokenizer")
     tokenizer = Tokenizer.from_path(ckpt.tokenizer_path)

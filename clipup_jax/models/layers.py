@@ -27,6 +27,11 @@ def normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float) -> jax.Array:
     return std * jax.random.normal(rngs.params(), shape, jnp.float32)
 
 
+def mlp_init_stds(width: int, depth: int) -> tuple[float, float]:
+    """Normal init stds of fc1 and fc2 (open_clip's scheme: the output projection shrinks with depth)."""
+    return (2 * width) ** -0.5, width**-0.5 * (2 * depth) ** -0.5
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm computed in float32 whatever the compute dtype, as OpenAI's CLIP does."""
 
@@ -51,10 +56,10 @@ class Mlp(nnx.Module):
                  dtype: jnp.dtype = jnp.float32):
         self.activation = activation
         self.dtype = dtype
-        self.fc1_kernel = nnx.Param(normal(rngs, (width, mlp_dim), (2 * width) ** -0.5), logical_axes=("embed", "mlp"))
+        fc1_std, fc2_std = mlp_init_stds(width, depth)
+        self.fc1_kernel = nnx.Param(normal(rngs, (width, mlp_dim), fc1_std), logical_axes=("embed", "mlp"))
         self.fc1_bias = nnx.Param(jnp.zeros((mlp_dim,), jnp.float32), logical_axes=("mlp",))
-        proj_std = width**-0.5 * (2 * depth) ** -0.5
-        self.fc2_kernel = nnx.Param(normal(rngs, (mlp_dim, width), proj_std), logical_axes=("mlp", "embed"))
+        self.fc2_kernel = nnx.Param(normal(rngs, (mlp_dim, width), fc2_std), logical_axes=("mlp", "embed"))
         self.fc2_bias = nnx.Param(jnp.zeros((width,), jnp.float32), logical_axes=("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from clipup_jax.config import Activation, MoEPlan
 from clipup_jax.models import aux_losses, dispatch, expert_parallel, routing
-from clipup_jax.models.layers import activation_fn, normal
+from clipup_jax.models.layers import activation_fn, mlp_init_stds, normal
 
 METRICS = "moe"
 EXPERT_AXIS = "expert"
@@ -42,11 +42,10 @@ class MoeMlp(nnx.Module):
         self.dtype = dtype
         self.deterministic = True  # eval capacity, no router noise; `model.train()` flips it
         self.router_kernel = nnx.Param(normal(rngs, (width, e), plan.router_init_std), logical_axes=("embed", None))
-        self.fc1_kernel = nnx.Param(normal(rngs, (e, width, mlp_dim), (2 * width) ** -0.5),
-                                    logical_axes=("expert", "embed", "mlp"))
+        fc1_std, fc2_std = mlp_init_stds(width, depth)
+        self.fc1_kernel = nnx.Param(normal(rngs, (e, width, mlp_dim), fc1_std), logical_axes=("expert", "embed", "mlp"))
         self.fc1_bias = nnx.Param(jnp.zeros((e, mlp_dim), jnp.float32), logical_axes=("expert", "mlp"))
-        proj_std = width**-0.5 * (2 * depth) ** -0.5
-        self.fc2_kernel = nnx.Param(normal(rngs, (e, mlp_dim, width), proj_std), logical_axes=("expert", "mlp", "embed"))
+        self.fc2_kernel = nnx.Param(normal(rngs, (e, mlp_dim, width), fc2_std), logical_axes=("expert", "mlp", "embed"))
         self.fc2_bias = nnx.Param(jnp.zeros((e, width), jnp.float32), logical_axes=("expert", "embed"))
         self.rngs = rngs["router"].fork() if plan.router_noise_std > 0 else nnx.data(None)
 

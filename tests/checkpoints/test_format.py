@@ -8,7 +8,8 @@ from flax import nnx
 
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.format import load_checkpoint, save_checkpoint
-from clipup_jax.checkpoints.params import model_from_params, params_of
+from clipup_jax.checkpoints.params import model_from_params
+from clipup_jax.models.param_tree import params_of
 from clipup_jax.config import preset
 from clipup_jax.models import CLIP
 from tests.cli_helpers import leftovers

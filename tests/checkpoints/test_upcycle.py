@@ -12,7 +12,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.format import AdamMoments, LazyStack, load_checkpoint, save_checkpoint
-from clipup_jax.checkpoints.params import abstract_params, model_from_params
+from clipup_jax.checkpoints.params import model_from_params
+from clipup_jax.models.param_tree import abstract_params
 from clipup_jax.checkpoints.upcycle import TILED, UpcycleOptions, key_rules, upcycle, upcycle_checkpoint
 from clipup_jax.config import ConfigError, MoEPlan, preset
 

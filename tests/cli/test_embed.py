@@ -116,7 +116,7 @@ def test_texts_need_a_tokenizer(tmp_path, capsys):
     from flax import nnx
 
     from clipup_jax.checkpoints.format import save_checkpoint
-    from clipup_jax.checkpoints.params import params_of
+    from clipup_jax.models.param_tree import params_of
     from clipup_jax.config import preset
     from clipup_jax.models import CLIP
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clipup_jax.checkpoints.params import abstract_params, logical_axes
+from clipup_jax.models.param_tree import abstract_params, logical_axes
 from clipup_jax.config import preset
 from clipup_jax.models import CLIP
 

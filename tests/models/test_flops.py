@@ -2,7 +2,7 @@
 
 import pytest
 
-from clipup_jax.checkpoints.params import abstract_params, count_params
+from clipup_jax.models.param_tree import abstract_params, count_params
 from clipup_jax.config import preset
 from clipup_jax.models.flops import image_flops, text_flops
 

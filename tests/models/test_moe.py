@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from clipup_jax.config import ConfigError, ModelConfig, MoEPlan, preset
-from clipup_jax.checkpoints.params import abstract_params
+from clipup_jax.models.param_tree import abstract_params
 from clipup_jax.models import CLIP, dispatch, routing
 from clipup_jax.models.layers import Mlp, activation_fn
 from clipup_jax.models.moe import MoeMlp, moe_aux
