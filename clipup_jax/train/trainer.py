@@ -218,9 +218,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
                     history["eval"].append({"step": step, **results})
                     if main_process:
                         print(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
-                checkpoints.save(step, state, data_iter, force=step == config.total_steps or bool(preempted))
+                saved = checkpoints.save(step, state, data_iter, force=step == config.total_steps or bool(preempted))
                 if preempted:
-                    print(f"SIGTERM: saved step {step}, stopping", flush=True)
+                    checkpoints.wait()  # the VM may be gone in seconds: make the save durable before saying so
+                    print(f"SIGTERM: {'saved' if saved else 'could not save'} step {step}, stopping", flush=True)
                     break
         finally:
             signal.signal(signal.SIGTERM, previous)
