@@ -10,7 +10,7 @@ from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.config import ConfigError
 
 # Errors whose message already names the file, key, shape or field at fault.
-USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, ValueError)
+USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, ValueError, TimeoutError)
 
 
 def run_cli(prog: str, body: Callable[[], int | None]) -> NoReturn:

@@ -18,26 +18,20 @@ from clipup_jax.train.configs import PREFIX, load_config
 def _evaluate(checkpoint: pathlib.Path, config_path: pathlib.Path, overrides: list[str], out: pathlib.Path | None) -> None:
     from clipup_jax.checkpoints.format import atomic_file, load_checkpoint
     from clipup_jax.checkpoints.params import model_from_params
-    from clipup_jax.data import synthetic
     from clipup_jax.data.tokenizer import Tokenizer
-    from clipup_jax.evaluate.run import build_eval_set, evaluate
-    from clipup_jax.train.run import eval_source
+    from clipup_jax.evaluate.run import evaluate
+    from clipup_jax.train.run import eval_data_for
 
     config = load_config(config_path, overrides)
     ckpt = load_checkpoint(checkpoint, opt_state=False)
     if ckpt.tokenizer_path is None:
         raise ValueError(f"{checkpoint}: has no tokenizer; import it with --tokenizer")
-    tokenizer = Tokenizer.from_path(ckpt.tokenizer_path)
-    cfg = ckpt.config
-    zero_shot = config.data.zero_shot == "synthetic"
-    eval_set = build_eval_set(eval_source(config), tokenizer, cfg.vision.image_size, cfg.text.context_length,
-                              config.data.eval_size, synthetic.CLASS_NAMES if zero_shot else (),
-                              synthetic.CLASS_PROMPT_TEMPLATES if zero_shot else ())
-    metrics = evaluate(model_from_params(cfg, ckpt.params, source=str(checkpoint)), eval_set, tokenizer,
+    data = eval_data_for(config, Tokenizer.from_path(ckpt.tokenizer_path))
+    metrics = evaluate(model_from_params(ckpt.config, ckpt.params, source=str(checkpoint)), data,
                        config.eval_batch_size)
     step = ckpt.metadata.get("step")
     print(f"{checkpoint}{f' (step {step})' if step is not None else ''} on {config.data.eval}, "
-          f"{len(eval_set.pixels)} images / {len(eval_set.tokens)} captions:")
+          f"{metrics.pop('eval_images'):.0f} images / {metrics.pop('eval_captions'):.0f} captions:")
     for key, value in metrics.items():
         print(f"  {key:<34}{100 * value:6.2f}")
     if out is not None:

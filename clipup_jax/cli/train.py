@@ -1,6 +1,9 @@
 """clipup-train: run (or resume) an experiment config in a work directory.
 
     clipup-train --config experiments/clipup_b16.py --workdir runs/b16 [--config.optim.lr=3e-4 ...]
+
+Multi-host: run the same command on every host. TPU pods, SLURM and mpirun are detected; elsewhere set
+CLIPUP_COORDINATOR=host:port, CLIPUP_NUM_PROCESSES and CLIPUP_PROCESS_ID on each process.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args([a for a in argv if not a.startswith(PREFIX)])
 
     def body() -> None:
+        from clipup_jax.parallel.distributed import initialize
         from clipup_jax.train.run import run_experiment  # deferred: jax start-up after argument errors
 
         config = load_config(args.config, overrides)
+        initialize()  # multi-host: TPU pod / SLURM auto, or CLIPUP_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID; else no-op
         run_experiment(config, args.workdir)
 
     run_cli("clipup-train", body)

@@ -1,19 +1,21 @@
 """Evaluate a model on an image-caption source: retrieval both ways, and zero-shot when labels exist.
 
-The eval set is materialised once (preprocessed pixels, every caption tokenised)
-and reused at each evaluation during training. Runs on the host that calls it.
+Each process embeds its own slice through the grain eval pipeline (every process
+yields the same number of padded batches, with masks), the embeddings are gathered
+across processes, and the metrics are computed on the masked global arrays, so
+multi-host evaluation counts every example exactly once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
+import jax
 import numpy as np
-from PIL import Image
+from jax.experimental import multihost_utils
 
-from clipup_jax.data.image_ops import preprocess
+from clipup_jax.data.pipeline import eval_pipeline
 from clipup_jax.data.tokenizer import Tokenizer
 from clipup_jax.evaluate.embedding import Embedder, chunks
 from clipup_jax.evaluate.retrieval import retrieval_metrics
@@ -22,47 +24,66 @@ from clipup_jax.models import CLIP
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSet:
-    pixels: np.ndarray  # (N, H, W, 3) model input
-    tokens: np.ndarray  # (M, L) every caption of every image
-    text_to_image: np.ndarray  # (M,) image index of each caption
-    labels: np.ndarray | None = None  # (N,) class ids for zero-shot
+class EvalData:
+    """What to evaluate on: a random-access source, and the class names and prompts for zero-shot (optional)."""
+
+    source: Any
+    tokenizer: Tokenizer
+    size: int | None = None  # the first `size` examples (all when None)
     class_names: Sequence[str] = ()
     templates: Sequence[str] = ()
+    max_captions: int = 5
 
 
-def _image(record: Mapping[str, Any], size: int) -> np.ndarray:
-    if "image" in record:
-        return preprocess(Image.fromarray(np.asarray(record["image"], np.uint8)), size)
-    with Image.open(io.BytesIO(record["image_bytes"])) as image:
-        return preprocess(image, size)
+class _Prefix:
+    """The first n examples of a source (random access preserved)."""
+
+    def __init__(self, source: Any, n: int):
+        self.source, self.n = source, min(n, len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self.source[index]
 
 
-def build_eval_set(source: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, image_size: int, context_length: int,
-                   size: int | None = None, class_names: Sequence[str] = (), templates: Sequence[str] = ()) -> EvalSet:
-    """The first `size` examples of `source` (all of it when None)."""
-    n = len(source) if size is None else min(size, len(source))
-    pixels, captions, owner, labels = [], [], [], []
-    for i in range(n):
-        record = source[i]
-        pixels.append(_image(record, image_size))
-        texts = record.get("captions") or (record["caption"],)
-        captions.extend(texts)
-        owner.extend([i] * len(texts))
-        if "label" in record:
-            labels.append(int(record["label"]))
-    return EvalSet(np.stack(pixels), tokenizer(captions, context_length), np.asarray(owner, np.int64),
-                   np.asarray(labels, np.int64) if class_names and len(labels) == n else None,
-                   tuple(class_names), tuple(templates))
+def _gather(x: np.ndarray) -> np.ndarray:
+    """Concatenates every process's rows (a no-op with one process)."""
+    if jax.process_count() == 1:
+        return x
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def evaluate(model: CLIP, eval_set: EvalSet, tokenizer: Tokenizer, batch_size: int = 256) -> dict[str, float]:
+def evaluate(model: CLIP, data: EvalData, batch_size: int = 256) -> dict[str, float]:
+    cfg = model.cfg
+    source = data.source if data.size is None else _Prefix(data.source, data.size)
+    pipeline = eval_pipeline(source, tokenizer=data.tokenizer, image_size=cfg.vision.image_size,
+                             context_length=cfg.text.context_length, batch_size=batch_size,
+                             max_captions=data.max_captions, process_index=jax.process_index(),
+                             process_count=jax.process_count())
     embedder = Embedder(model, batch_size)
-    images = embedder.images(chunks(eval_set.pixels, batch_size))
-    texts = embedder.texts(chunks(eval_set.tokens, batch_size))
-    metrics = retrieval_metrics(images, texts, eval_set.text_to_image)
-    if eval_set.labels is not None:
-        classes = class_embeddings(lambda t: embedder.texts(chunks(t, batch_size)), tokenizer, eval_set.class_names,
-                                   eval_set.templates, eval_set.tokens.shape[1])
-        metrics.update({f"zero_shot_{k}": v for k, v in zero_shot_metrics(images, eval_set.labels, classes).items()})
+    images, texts, image_mask, caption_mask, labels = [], [], [], [], []
+    for batch in pipeline:
+        b, c, length = batch["tokens"].shape
+        images.append(embedder.images([batch["pixels"]]))
+        texts.append(embedder.texts(chunks(batch["tokens"].reshape(b * c, length), batch_size)))
+        image_mask.append(batch["mask"])
+        caption_mask.append(batch["caption_mask"] & batch["mask"][:, None])
+        labels.append(batch["label"])
+    images, texts = _gather(np.concatenate(images)), _gather(np.concatenate(texts))
+    image_mask, caption_mask = _gather(np.concatenate(image_mask)), _gather(np.concatenate(caption_mask))
+    labels = _gather(np.concatenate(labels))
+    captions_per_image = caption_mask.shape[1]
+    owner = np.repeat(np.arange(len(images)), captions_per_image)
+    metrics = retrieval_metrics(images, texts, owner, image_mask=image_mask, text_mask=caption_mask.reshape(-1))
+    if data.class_names and (labels[image_mask] >= 0).all():
+        classes = class_embeddings(lambda t: embedder.texts(chunks(t, batch_size)), data.tokenizer, data.class_names,
+                                   data.templates, cfg.text.context_length)
+        zero_shot = zero_shot_metrics(images, np.maximum(labels, 0), classes, mask=image_mask)
+        metrics.update({f"zero_shot_{k}": v for k, v in zero_shot.items()})
+    metrics["eval_images"] = float(image_mask.sum())
+    metrics["eval_captions"] = float(caption_mask.sum())
     return metrics

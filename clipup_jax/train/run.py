@@ -6,8 +6,10 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from clipup_jax.checkpoints.upcycle import UpcycleOptions
 from clipup_jax.checkpoints.upcycle import upcycle as upcycle_params
@@ -16,7 +18,7 @@ from clipup_jax.data import synthetic
 from clipup_jax.data.pipeline import train_pipeline
 from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
-from clipup_jax.evaluate.run import build_eval_set, evaluate
+from clipup_jax.evaluate.run import EvalData, evaluate
 from clipup_jax.train.trainer import model_config, train
 
 SYNTHETIC_IMAGE_SIZE = 64  # generated resolution; the pipeline resizes to the model's
@@ -27,10 +29,12 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> p
     if config.data.tokenizer:
         return pathlib.Path(config.data.tokenizer)
     directory = workdir / "tokenizer_trained"
-    if not (directory / "merges.txt").exists():
+    if jax.process_index() == 0 and not (directory / "merges.txt").exists():
         vocab = config.model.text.vocab_size
         source = synthetic.SyntheticCaptions("train", config.data.synthetic_size, SYNTHETIC_IMAGE_SIZE, config.seed)
         synthetic.build_tokenizer(directory, source, num_merges=vocab - 514)  # 512 byte symbols + SOT/EOT
+    if jax.process_count() > 1:  # the others read what process 0 wrote (a shared workdir)
+        multihost_utils.sync_global_devices("clipup tokenizer trained")
     return directory
 
 
@@ -39,9 +43,11 @@ def _source(spec: str, config: ml_collections.ConfigDict, size: int):
                        synthetic_seed=config.seed)
 
 
-def eval_source(config: ml_collections.ConfigDict):
+def eval_data_for(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> EvalData:
     """The eval data a config names (the synthetic eval split is generated at `config.data.eval_size`)."""
-    return _source(config.data.eval, config, config.data.eval_size)
+    zero_shot = config.data.zero_shot == "synthetic"
+    return EvalData(_source(config.data.eval, config, config.data.eval_size), tokenizer, config.data.eval_size,
+                    synthetic.CLASS_NAMES if zero_shot else (), synthetic.CLASS_PROMPT_TEMPLATES if zero_shot else ())
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -65,14 +71,10 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
 
     evaluate_fn = None
     if config.data.eval and config.eval_every:
-        zero_shot = config.data.zero_shot == "synthetic"
-        eval_set = build_eval_set(eval_source(config), tokenizer, cfg.vision.image_size, cfg.text.context_length,
-                                  config.data.eval_size,
-                                  synthetic.CLASS_NAMES if zero_shot else (),
-                                  synthetic.CLASS_PROMPT_TEMPLATES if zero_shot else ())
+        eval_data = eval_data_for(config, tokenizer)
 
         def evaluate_fn(model, step):
-            return evaluate(model, eval_set, tokenizer, config.eval_batch_size)
+            return evaluate(model, eval_data, config.eval_batch_size)
 
     def upcycle(params: dict[str, np.ndarray], dense: ModelConfig, sparse: ModelConfig, seed: int):
         """Experts = copies of the dense MLPs (optionally noised / drop-upcycled), fresh routers."""

@@ -217,7 +217,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
                     log.write(step, {f"eval/{k}": v for k, v in results.items()})
                     history["eval"].append({"step": step, **results})
                     if main_process:
-                        print(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
+                        shown = {k: v for k, v in results.items() if not k.startswith("eval_")}
+                        print(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()), flush=True)
                 saved = checkpoints.save(step, state, data_iter, force=step == config.total_steps or bool(preempted))
                 if preempted:
                     checkpoints.wait()  # the VM may be gone in seconds: make the save durable before saying so

@@ -1,0 +1,148 @@
+"""Multi-host for real: 2 local processes (4 CPU devices each, gloo collectives, explicit coordinator) train a
+tiny sparse CLIP with expert parallelism (mesh data=2 x expert=4 over the 8 global devices) through
+`clipup-train`, checkpoint, and resume in a second launch; the params and losses equal one process with 8 devices.
+
+The per-process pipelines read disjoint slices (`source[p::2]`, each shuffled with its own seed), so the global
+batch of 2 processes is not the batch one process would read from the whole source. The single-process
+reference therefore runs the same 2 per-process pipelines side by side and concatenates their batches in
+the order the batch sharding assigns rows to processes (checked: process p fills rows [8p, 8p+8)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from clipup_jax.checkpoints.format import load_checkpoint
+
+WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
+REPO = WORKER.parents[2]
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CLIPUP_", "JAX_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_")) and k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["JAX_PLATFORMS"] = "cpu"
+    return {**env, **extra}
+
+
+def _launch(jobs: list[tuple[list[str], dict[str, str], pathlib.Path]]) -> None:
+    """Starts every job at once; all must exit 0 within TIMEOUT_S, else all are killed and the test fails."""
+    procs = []
+    try:
+        for args, env, log in jobs:
+            procs.append((subprocess.Popen([sys.executable, str(WORKER), *args], env=env, cwd=log.parent,
+                                           stdout=log.open("w"), stderr=subprocess.STDOUT), log))
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(p.poll() is None for p, _ in procs):
+            if any(p.poll() not in (None, 0) for p, _ in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    failed = [(p.returncode, log) for p, log in procs if p.returncode != 0]
+    assert not failed, "\n\n".join(f"{log.name} exited {rc}:\n" + log.read_text()[-3000:] for rc, log in failed)
+
+
+def _multi(workdir: pathlib.Path, steps: int, tokenizer: pathlib.Path, tag: str):
+    port = str(_free_port())
+    return [(["multi", str(workdir), str(steps), str(tokenizer)],
+             _env(CLIPUP_COORDINATOR=f"127.0.0.1:{port}", CLIPUP_NUM_PROCESSES="2", CLIPUP_PROCESS_ID=str(i),
+                  CLIPUP_LOCAL_DEVICE_COUNT="4", CLIPUP_INIT_TIMEOUT="120"),
+             workdir.parent / f"{tag}_{i}.log") for i in range(2)]
+
+
+def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path):
+    sys.path.insert(0, str(WORKER.parent))
+    try:
+        import multiprocess_worker
+    finally:
+        sys.path.remove(str(WORKER.parent))
+    from clipup_jax.train.run import tokenizer_for
+
+    tokenizer = tokenizer_for(multiprocess_worker.get_config(), tmp_path)  # shared, built once
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    reference = (["single", str(single), "6", str(tokenizer)],
+                 _env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), tmp_path / "single.log")
+
+    _launch(_multi(multi, 3, tokenizer, "first") + [reference])
+    first = json.loads((multi / "history.json").read_text())["train"]
+    assert [h["step"] for h in first] == [1, 2, 3]
+    _launch(_multi(multi, 6, tokenizer, "resume"))
+    resumed = json.loads((multi / "history.json").read_text())["train"]
+    assert [h["step"] for h in resumed] == [4, 5, 6]
+    assert "resumed from" in (tmp_path / "resume_0.log").read_text()
+
+    for i in range(2):  # the layout the reference reproduces, and a real 2 x 4-device runtime
+        rows = json.loads((tmp_path / f"rows_{i}.json").read_text())
+        assert rows == {"process": i, "count": 2, "devices": 8, "local_devices": 4, "rows": [8 * i, 8 * i + 8],
+                        "contiguous": True}
+    assert load_checkpoint(multi).metadata["step"] == 6
+
+    want = json.loads((single / "history.json").read_text())["train"]
+    for got, ref in zip(first + resumed, want, strict=True):
+        assert got["step"] == ref["step"]
+        for key in ("loss", "contrastive_loss", "aux_loss"):
+            np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=f"step {got['step']} {key}")
+    got, ref = load_checkpoint(multi).params, load_checkpoint(single).params
+    assert got.keys() == ref.keys()
+    diffs = {name: float(np.max(np.abs(got[name] - ref[name]))) for name in ref}
+    print(f"max |param diff| over {len(ref)} params: {max(diffs.values()):.3g}")
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_initialize_is_a_no_op_for_one_process_and_checks_its_arguments(monkeypatch):
+    import jax
+    import pytest
+
+    from clipup_jax.parallel import distributed
+
+    for name in ("CLIPUP_COORDINATOR", "CLIPUP_NUM_PROCESSES", "CLIPUP_PROCESS_ID", "CLIPUP_LOCAL_DEVICE_COUNT",
+                 "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES",
+                 "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    distributed.initialize()
+    distributed.initialize(num_processes=1)
+    assert not jax.distributed.is_initialized()
+    with pytest.raises(ValueError, match="missing: process_id"):
+        distributed.initialize("127.0.0.1:1234", num_processes=2)
+    with pytest.raises(ValueError, match="host:port"):
+        distributed.initialize("127.0.0.1", num_processes=2, process_id=0)
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\)"):
+        distributed.initialize("127.0.0.1:1234", num_processes=2, process_id=2)
+    monkeypatch.setenv("CLIPUP_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="CLIPUP_NUM_PROCESSES='two' is not an integer"):
+        distributed.initialize()
+
+
+def test_a_coordinator_that_does_not_answer_fails_with_a_clear_message(tmp_path):
+    log = tmp_path / "dead.log"
+    jobs = [(["multi", str(tmp_path / "w"), "1", str(tmp_path / "tok")],
+             _env(CLIPUP_COORDINATOR=f"127.0.0.1:{_free_port()}", CLIPUP_NUM_PROCESSES="2", CLIPUP_PROCESS_ID="1",
+                  CLIPUP_INIT_TIMEOUT="2"), log)]
+    try:
+        _launch(jobs)
+    except AssertionError:
+        pass
+    else:
+        raise AssertionError("a process whose coordinator never answers must fail")
+    assert "did not answer within 2s" in log.read_text()
