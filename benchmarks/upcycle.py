@@ -47,8 +47,8 @@ def _step(name: str, root: pathlib.Path, args: argparse.Namespace) -> dict[str, 
     import orbax.checkpoint as ocp
 
     from clipup_jax.checkpoints import format as ckpt_format
-    from clipup_jax.models.param_tree import count_params
     from clipup_jax.checkpoints.upcycle import upcycle, upcycle_checkpoint
+    from clipup_jax.models.param_tree import count_params, nest
 
     seconds, output = 0.0, 0
     if name == "dense":
@@ -61,9 +61,9 @@ def _step(name: str, root: pathlib.Path, args: argparse.Namespace) -> dict[str, 
     elif name == "plain":
         dense = ckpt_format.load_checkpoint(root / "dense")
         up = upcycle(dense.config, dense.params, _options(args), dense.opt_state)
-        tree = {"params": _nest(up.host_params())}
+        tree = {"params": nest(up.host_params())}
         if up.opt_state is not None:
-            tree["opt_state"] = _nest({"count": np.asarray(up.opt_state.count, np.int32),
+            tree["opt_state"] = nest({"count": np.asarray(up.opt_state.count, np.int32),
                                        **{f"mu/{k}": _host(v) for k, v in up.opt_state.mu.items()},
                                        **{f"nu/{k}": _host(v) for k, v in up.opt_state.nu.items()}})
         t0 = time.perf_counter()
@@ -78,17 +78,6 @@ def _step(name: str, root: pathlib.Path, args: argparse.Namespace) -> dict[str, 
 
 def _host(value):
     return value.materialize() if hasattr(value, "materialize") else value
-
-
-def _nest(flat: dict) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def _run_child(name: str, root: pathlib.Path, args: argparse.Namespace) -> dict[str, float]:

@@ -35,7 +35,7 @@ import tensorstore as ts
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.train_workdir import is_train_workdir, read_train_params
 from clipup_jax.checkpoints.params import check_params
-from clipup_jax.models.param_tree import abstract_params
+from clipup_jax.models.param_tree import abstract_params, nest
 from clipup_jax.config import ConfigError, ModelConfig
 
 FORMAT_VERSION = 1
@@ -261,7 +261,7 @@ def load_checkpoint(path: str | pathlib.Path, opt_state: bool = True) -> Checkpo
 def _read_tree(directory: pathlib.Path, shapes: Mapping[str, jax.ShapeDtypeStruct], what: str) -> dict[str, np.ndarray]:
     try:
         ckptr = ocp.StandardCheckpointer()
-        restored = ckptr.restore(directory.resolve(), _nest(shapes))
+        restored = ckptr.restore(directory.resolve(), nest(shapes))
         ckptr.close()
     except Exception as e:
         raise CheckpointError(f"{directory}: cannot restore {what} ({type(e).__name__}: {e})") from e
@@ -280,7 +280,7 @@ def _write_tree(directory: pathlib.Path, leaves: Mapping[str, np.ndarray | LazyS
         (jax.Array, ocp.type_handlers.ArrayHandler()),
     )
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
-    ckptr.save(directory, args=ocp.args.PyTreeSave(_nest(leaves)))
+    ckptr.save(directory, args=ocp.args.PyTreeSave(nest(leaves)))
     ckptr.close()
 
 
@@ -349,17 +349,6 @@ def _inside(root: pathlib.Path, rel: str) -> pathlib.Path:
     if not target.exists():
         raise CheckpointError(f"{root}: {rel} named in {METADATA_FILE} is missing")
     return target
-
-
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from clipup_jax.checkpoints.errors import CheckpointError
+from clipup_jax.models.param_tree import nest
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM = "state"
@@ -34,14 +35,8 @@ def read_train_params(path: pathlib.Path, shapes: Mapping[str, jax.ShapeDtypeStr
     manager.close()
     if step is None:
         raise CheckpointError(f"{path}: training workdir has no complete checkpoint yet")
-    target: dict = {}
-    for name, sds in shapes.items():  # nnx.State layout: nested modules, each Param a {'value': array}
-        node = target
-        *parents, leaf = name.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = {"value": jax.ShapeDtypeStruct(sds.shape, sds.dtype)}
-    item = {"params": target}
+    # nnx.State layout: nested modules, each Param a {'value': array}.
+    item = {"params": nest({k: {"value": jax.ShapeDtypeStruct(v.shape, v.dtype)} for k, v in shapes.items()})}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     directory = path / CHECKPOINTS_DIR / str(step) / STATE_ITEM
     try:

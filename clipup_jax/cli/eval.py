@@ -12,7 +12,7 @@ import pathlib
 import sys
 
 from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
-from clipup_jax.train.configs import PREFIX, load_config
+from clipup_jax.train.configs import load_config, split_overrides
 
 
 def _evaluate(checkpoint: pathlib.Path, config_path: pathlib.Path, overrides: list[str], out: pathlib.Path | None) -> None:
@@ -41,13 +41,12 @@ def _evaluate(checkpoint: pathlib.Path, config_path: pathlib.Path, overrides: li
 
 def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
-    argv = sys.argv[1:] if argv is None else argv
-    overrides = [a for a in argv if a.startswith(PREFIX)]
+    overrides, argv = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = Parser(prog="clipup-eval", description=__doc__)
     parser.add_argument("--checkpoint", type=pathlib.Path, required=True, help="checkpoint dir or training workdir")
     parser.add_argument("--config", type=pathlib.Path, required=True, help="experiment file naming the eval data")
     parser.add_argument("--out", type=pathlib.Path, help="write the metrics as JSON too")
-    args = parser.parse_args([a for a in argv if not a.startswith(PREFIX)])
+    args = parser.parse_args(argv)
     run_cli("clipup-eval", lambda: _evaluate(args.checkpoint, args.config, overrides, args.out))
 
 

@@ -12,17 +12,16 @@ import pathlib
 import sys
 
 from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
-from clipup_jax.train.configs import PREFIX, load_config
+from clipup_jax.train.configs import load_config, split_overrides
 
 
 def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
-    argv = sys.argv[1:] if argv is None else argv
-    overrides = [a for a in argv if a.startswith(PREFIX)]
+    overrides, argv = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = Parser(prog="clipup-train", description=__doc__)
     parser.add_argument("--config", type=pathlib.Path, required=True, help="experiment file exposing get_config()")
     parser.add_argument("--workdir", type=pathlib.Path, required=True, help="checkpoints, logs; resumed if present")
-    args = parser.parse_args([a for a in argv if not a.startswith(PREFIX)])
+    args = parser.parse_args(argv)
 
     def body() -> None:
         from clipup_jax.parallel.distributed import initialize

@@ -41,3 +41,15 @@ def params_of(model: CLIP) -> dict[str, np.ndarray]:
 
 def count_params(params: Mapping[str, object]) -> int:
     return int(sum(np.prod(p.shape) for p in params.values()))
+
+
+def nest(flat: Mapping[str, object]) -> dict[str, object]:
+    """{'a/b/c': x} -> {'a': {'b': {'c': x}}}: the tree layout Orbax stores flat names in."""
+    tree: dict[str, object] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree

@@ -20,6 +20,11 @@ class ConfigFileError(ValueError):
     """A config file or override that cannot be used; the message names the file or field."""
 
 
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(`--config.a.b=v` overrides, the other arguments) of a command line."""
+    return [a for a in argv if a.startswith(PREFIX)], [a for a in argv if not a.startswith(PREFIX)]
+
+
 def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     path = pathlib.Path(path)
     if not path.is_file():
