@@ -12,6 +12,7 @@ a kill mid-save leaves the previous step as the latest complete one.
 from __future__ import annotations
 
 import pathlib
+import warnings
 from typing import Any
 
 import jax
@@ -42,14 +43,29 @@ class TrainCheckpoints:
             items["data"] = save_data(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, abstract_state: Any, data_iterator: Any | None, step: int | None = None) -> Any:
-        """Restores into `abstract_state`'s shardings (any mesh), and the iterator in place."""
+    def restore(self, abstract_state: Any, data_iterator: Any | None) -> tuple[Any, int]:
+        """Restores the newest readable step into `abstract_state`'s shardings (any mesh), and the iterator in
+        place; returns (state, step).
+
+        A step that fails to read (a truncated or missing file after a crash or disk trouble) is reported and
+        the previous one is tried, so a damaged checkpoint never becomes a crash loop; if none reads, the error of
+        the newest is raised.
+        """
         _, restore_data = _data_args()
-        step = self.manager.latest_step() if step is None else step
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if hasattr(data_iterator, "get_state"):
-            items["data"] = restore_data(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        first_error: Exception | None = None
+        for step in steps:
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if hasattr(data_iterator, "get_state"):
+                items["data"] = restore_data(data_iterator)
+            try:
+                return self.manager.restore(step, args=ocp.args.Composite(**items))["state"], step
+            except Exception as e:  # Orbax/tensorstore raise many types for damaged files
+                first_error = first_error or e
+                reason = str(e).splitlines()[0][:200]
+                warnings.warn(f"checkpoint step {step} in {self.manager.directory} is unreadable "
+                              f"({type(e).__name__}: {reason}); falling back to an earlier step", stacklevel=2)
+        raise first_error if first_error else FileNotFoundError(f"{self.manager.directory}: no checkpoint steps")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -171,7 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
         data_iter = data(cfg, jax.process_index(), jax.process_count())
         if resuming:
             try:
-                state = checkpoints.restore(abstract_like(state, shardings), data_iter)
+                state, _ = checkpoints.restore(abstract_like(state, shardings), data_iter)
             except ValueError as e:
                 raise ValueError(f"{workdir}: its checkpoint does not fit this config's train state (model or "
                                  f"optimizer changed since it was written?): {str(e).splitlines()[0]}") from e

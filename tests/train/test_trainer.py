@@ -144,3 +144,17 @@ def test_resume_into_a_different_mesh(tmp_path):
     assert np.isfinite(history["train"][-1]["loss"])
     kernel = history["final_params"]["visual"]["encoder"]["blocks"][0]["mlp"]["fc1_kernel"][...]
     assert kernel.sharding.spec[0] == "fsdp"  # restored straight into the new layout
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path):
+    """Disk trouble after a save: the newest step's array data is truncated. Resume warns, naming the step,
+    restores the previous complete step, and finishes; the damaged step is never loaded as garbage."""
+    run_experiment(_config(steps=6), tmp_path / "run")  # saves at 3 and 6 (and the first step)
+    damaged = tmp_path / "run" / "checkpoints" / "6" / "state"
+    data_files = [p for p in damaged.rglob("*") if p.is_file() and p.stat().st_size > 64 and "d" in p.parts]
+    assert data_files, sorted(str(p) for p in damaged.rglob("*"))
+    for f in data_files:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.warns(UserWarning, match="step 6 .* unreadable"):
+        history = run_experiment(_config(steps=7), tmp_path / "run")
+    assert [h["step"] for h in history["train"]] == [4, 5, 6, 7]
