@@ -78,7 +78,7 @@ def main() -> None:
                       read_threads=args.read_threads)
         print(f"{args.images} JPEGs 256x256 (mean {mean_kb:.1f} KiB), 5 captions each, batch {args.batch_size}, "
               f"224px, L=77, {os.cpu_count()} CPUs, read_threads={args.read_threads or 'auto'}")
-        print(f"| pipeline | num_workers | first batch (s) | examples/s |\n|---|---:|---:|---:|")
+        print("| pipeline | num_workers | first batch (s) | examples/s |\n|---|---:|---:|---:|")
         for workers in args.workers:
             first, rate = _measure(train_pipeline(source, seed=0, num_workers=workers, **common),
                                    args.batches, args.batch_size)

@@ -47,7 +47,7 @@ import re
 
 import numpy as np
 
-from clipup_jax.checkpoints.errors import CheckpointError, key_list
+from clipup_jax.checkpoints.errors import key_list
 from clipup_jax.checkpoints.source_keys import SourceKeys
 from clipup_jax.checkpoints.params import check_params
 from clipup_jax.checkpoints.tensor_files import read_tensors

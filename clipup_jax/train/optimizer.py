@@ -8,7 +8,7 @@ first matching `lr_mults` pattern scales its learning rate.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

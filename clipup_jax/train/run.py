@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 from typing import Any
 
@@ -72,9 +71,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     evaluate_fn = None
     if config.data.eval and config.eval_every:
         eval_data = eval_data_for(config, tokenizer)
-
-        def evaluate_fn(model, step):
-            return evaluate(model, eval_data, config.eval_batch_size)
+        evaluate_fn = lambda model, step: evaluate(model, eval_data, config.eval_batch_size)  # noqa: E731
 
     def upcycle(params: dict[str, np.ndarray], dense: ModelConfig, sparse: ModelConfig, seed: int):
         """Experts = copies of the dense MLPs (optionally noised / drop-upcycled), fresh routers."""

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import shutil
 import signal
-import time
 from typing import Any, Callable, Iterator
 
 import jax

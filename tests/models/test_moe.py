@@ -13,8 +13,8 @@ from flax import nnx
 
 from clipup_jax.config import ConfigError, ModelConfig, MoEPlan, preset
 from clipup_jax.models.param_tree import abstract_params
-from clipup_jax.models import CLIP, dispatch, routing
-from clipup_jax.models.layers import Mlp, activation_fn
+from clipup_jax.models import CLIP
+from clipup_jax.models.layers import Mlp
 from clipup_jax.models.moe import MoeMlp, moe_aux
 
 G, S, D, F, E = 3, 10, 16, 24, 4
