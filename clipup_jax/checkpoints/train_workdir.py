@@ -9,6 +9,7 @@ is complete. Only the params subtree is read.
 from __future__ import annotations
 
 import pathlib
+import warnings
 from typing import Mapping
 
 import jax
@@ -31,23 +32,30 @@ def read_train_params(path: pathlib.Path, shapes: Mapping[str, jax.ShapeDtypeStr
     """(flat params as host arrays, step) of the latest complete step."""
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     manager = ocp.CheckpointManager((path / CHECKPOINTS_DIR).resolve(), options=options, item_names=ITEMS)
-    step = manager.latest_step()
+    steps = sorted(manager.all_steps(), reverse=True)
     manager.close()
-    if step is None:
+    if not steps:
         raise CheckpointError(f"{path}: training workdir has no complete checkpoint yet")
     # nnx.State layout: nested modules, each Param a {'value': array}.
     item = {"params": nest({k: {"value": jax.ShapeDtypeStruct(v.shape, v.dtype)} for k, v in shapes.items()})}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    directory = path / CHECKPOINTS_DIR / str(step) / STATE_ITEM
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(
-            directory.resolve(), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-    except Exception as e:
-        raise CheckpointError(f"{directory}: cannot restore params ({type(e).__name__}: {e})") from e
-    flat = {}
-    for name in shapes:
-        node = restored["params"]
-        for part in name.split("/"):
-            node = node[part]
-        flat[name] = np.asarray(node["value"])
-    return flat, step
+    first_error = None
+    for step in steps:  # newest first; a damaged step is reported and skipped, as the trainer's resume does
+        directory = path / CHECKPOINTS_DIR / str(step) / STATE_ITEM
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                directory.resolve(), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                 partial_restore=True))
+        except Exception as e:  # Orbax/tensorstore raise many types for damaged files
+            first_error = first_error or CheckpointError(f"{directory}: cannot restore params "
+                                                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            warnings.warn(f"{first_error}; trying an earlier step", stacklevel=2)
+            continue
+        flat = {}
+        for name in shapes:
+            node = restored["params"]
+            for part in name.split("/"):
+                node = node[part]
+            flat[name] = np.asarray(node["value"])
+        return flat, step
+    raise first_error

@@ -158,3 +158,13 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path):
     with pytest.warns(UserWarning, match="step 6 .* unreadable"):
         history = run_experiment(_config(steps=7), tmp_path / "run")
     assert [h["step"] for h in history["train"]] == [4, 5, 6, 7]
+
+
+def test_loading_a_workdir_skips_a_damaged_step(tmp_path):
+    run_experiment(_config(steps=6), tmp_path / "run")
+    for f in (tmp_path / "run" / "checkpoints" / "6" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 64 and "d" in f.parts:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.warns(UserWarning, match="trying an earlier step"):
+        ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.metadata["step"] == 3
