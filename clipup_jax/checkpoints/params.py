@@ -44,9 +44,19 @@ def model_from_params(cfg: ModelConfig, params: Mapping[str, np.ndarray], dtype:
     """A CLIP holding `params` (checked first), built without a throwaway random init."""
     check_params(params, cfg, source)
     graphdef, state, rest = nnx.split(nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0), dtype)), nnx.Param, ...)
+    # Non-parameter state (router-noise RNG streams) is small: materialise it from the abstract init.
+    rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a, rest)
+    return nnx.merge(graphdef, _filled(state, params), rest)
+
+
+def assign_params(model: CLIP, params: Mapping[str, np.ndarray], cfg: ModelConfig, source: str = "params") -> None:
+    """Writes `params` (checked first) into an existing model, keeping its other state (e.g. RNG streams)."""
+    check_params(params, cfg, source)
+    nnx.update(model, _filled(nnx.state(model, nnx.Param), params))
+
+
+def _filled(state: nnx.State, params: Mapping[str, np.ndarray]) -> nnx.State:
     flat = nnx.to_flat_state(state)
     for path, var in flat:
         var.set_value(jnp.asarray(params[flat_name(path)], jnp.float32))
-    # Non-parameter state (router-noise RNG streams) is small: materialise it from the abstract init.
-    rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a, rest)
-    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+    return nnx.from_flat_state(flat)

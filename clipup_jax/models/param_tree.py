@@ -20,6 +20,13 @@ def flat_name(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
+def tree_path_name(path: tuple) -> str:
+    """The flat name of a leaf reached by a `jax.tree_util` key path through an `nnx.State` (optimizer states
+    included): the same string `flat_name` gives, with the Variable's own `value` key dropped."""
+    parts = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
+    return "/".join(p for p in parts if p not in ("value", "raw_value"))
+
+
 def _abstract_params(cfg: ModelConfig) -> list[tuple[tuple, nnx.Variable]]:
     model = nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0)))
     return nnx.to_flat_state(nnx.state(model, nnx.Param))

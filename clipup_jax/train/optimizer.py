@@ -16,6 +16,8 @@ import ml_collections
 import optax
 from flax import nnx
 
+from clipup_jax.models.param_tree import tree_path_name
+
 # Norm scales/biases, biases, embeddings and the temperature are not decayed (CLIP/open_clip practice).
 DEFAULT_NO_DECAY = r"(bias|/scale|embed|class_embedding|logit_scale|logit_bias)$"
 
@@ -35,14 +37,6 @@ def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule
         return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)],
                                     [warmup])
     raise ValueError(f"config.optim.schedule={cfg.schedule!r}: expected 'cosine', 'rsqrt' or 'constant'")
-
-
-def _path_name(path: tuple) -> str:
-    parts = []
-    for key in path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-        parts.append(str(name))
-    return "/".join(p for p in parts if p not in ("value", "raw_value"))
 
 
 def _compile(patterns: Any, field: str) -> list[re.Pattern]:
@@ -65,7 +59,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: nnx.State, total_step
         mult = next((m for p, m in mults if p.search(name)), 1.0)
         return f"{'nodecay' if no_decay.search(name) else 'decay'}@{mult}"
 
-    labels = jax.tree_util.tree_map_with_path(lambda path, _: group(_path_name(path)), params)
+    labels = jax.tree_util.tree_map_with_path(lambda path, _: group(tree_path_name(path)), params)
     groups = sorted(set(jax.tree.leaves(labels)))
     transforms = {}
     for g in groups:

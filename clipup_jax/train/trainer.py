@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipup_jax.checkpoints.format import TOKENIZER_DIR, load_checkpoint, metadata_dict, write_metadata
-from clipup_jax.checkpoints.params import check_params
+from clipup_jax.checkpoints.params import assign_params
 from clipup_jax.config import ModelConfig
 from clipup_jax.data.tokenizer import source_files
 from clipup_jax.models import CLIP
@@ -24,7 +24,8 @@ from clipup_jax.parallel.mesh import make_mesh
 from clipup_jax.parallel.sharding import batch_spec, param_shardings
 from clipup_jax.train.checkpointing import TrainCheckpoints, abstract_like
 from clipup_jax.train.metrics_log import MetricsLog, scalar_metrics
-from clipup_jax.train.optimizer import _path_name, make_optimizer
+from clipup_jax.models.param_tree import tree_path_name
+from clipup_jax.train.optimizer import make_optimizer
 from clipup_jax.train.step import TrainState, flops_per_step, init_state, make_train_step
 
 DataFactory = Callable[[ModelConfig, int, int], Iterator[dict[str, np.ndarray]]]
@@ -46,7 +47,7 @@ def _state_shardings(state: TrainState, mesh, cfg: ModelConfig) -> TrainState:
     replicated = NamedSharding(mesh, P())
 
     def pick(path, leaf):
-        parts = _path_name(path).split("/")
+        parts = tree_path_name(path).split("/")
         for start in range(len(parts)):  # optimizer paths end with the parameter's own name
             name = "/".join(parts[start:])
             if name in by_name and tuple(leaf.shape) == shapes[name]:
@@ -57,7 +58,7 @@ def _state_shardings(state: TrainState, mesh, cfg: ModelConfig) -> TrainState:
 
 
 def _flat(params: nnx.State) -> dict[str, Any]:
-    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {tree_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def _dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
@@ -85,11 +86,7 @@ def _initial_model(config: ml_collections.ConfigDict, cfg: ModelConfig, upcycle:
     elif ckpt.config != cfg:
         raise ValueError(f"{config.init.checkpoint}: its model config differs from config.model; "
                          "fix config.model or start from a compatible checkpoint")
-    check_params(params, cfg, str(config.init.checkpoint))
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    for path, var in flat:
-        var.set_value(jnp.asarray(params["/".join(str(p) for p in path)], jnp.float32))
-    nnx.update(model, nnx.from_flat_state(flat))
+    assign_params(model, params, cfg, str(config.init.checkpoint))
     return model
 
 
