@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as P
 
 from clipup_jax.config import Activation, MoEPlan
 from clipup_jax.models import aux_losses, dispatch, expert_parallel, routing
@@ -31,6 +32,24 @@ def expert_parallel_active() -> bool:
     """True under `jax.set_mesh(mesh)` when the mesh spreads experts over an `expert` axis of size > 1."""
     mesh = jax.sharding.get_abstract_mesh()
     return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(EXPERT_AXIS, 1) > 1
+
+
+def group_local(fn):
+    """`fn` (arrays with a leading routing-group axis in, the same out) made to run under Explicit mesh axes.
+
+    Routing and single-device dispatch gather and scatter within a group (a sample); the sharding type
+    system cannot prove that, so under Explicit axes they run with the axes switched to Auto (GSPMD
+    partitions them along the group axis, as it does on an Auto mesh) and hand back group-sharded outputs.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if not any(t == AxisType.Explicit for t in mesh.axis_types):
+        return fn
+
+    def run(*args):
+        groups = jax.typeof(args[0]).sharding.spec[0]
+        return jax.sharding.auto_axes(fn, out_sharding=P(groups))(*args)
+
+    return run
 
 
 class MoeMlp(nnx.Module):
@@ -65,11 +84,12 @@ class MoeMlp(nnx.Module):
         x = x.astype(self.dtype)
         if plan.router == "expert_choice":
             c = routing.capacity(s, e, 1, factor)
-            ec = jax.vmap(lambda lg: routing.expert_choice_routing(lg, c))(logits)
+            ec = group_local(jax.vmap(lambda lg: routing.expert_choice_routing(lg, c)))(logits)
             if plan.dispatch == "dense_reference":
-                y = dispatch.dense_reference(x, dispatch.expert_choice_weights(ec, s), w, act)
+                y = group_local(lambda x, ec, w: dispatch.dense_reference(
+                    x, dispatch.expert_choice_weights(ec, s), w, act))(x, ec, w)
             else:
-                y = dispatch.expert_choice(x, ec, w, act)
+                y = group_local(lambda x, ec, w: dispatch.expert_choice(x, ec, w, act))(x, ec, w)
             self._record(ec.probs, ec.logits, None, load=self._ec_load(ec), dropped=jax.vmap(routing.unchosen_fraction)(ec))
             return y
         c = routing.capacity(s, e, plan.top_k, factor)
@@ -78,7 +98,7 @@ class MoeMlp(nnx.Module):
         route = jax.vmap(lambda lg, key: routing.top_k_routing(
             lg, plan.top_k, c, renormalize=plan.renormalize_gates, batch_priority=plan.batch_priority,
             noise_std=noise, rng=key), in_axes=(0, 0 if keys is not None else None))
-        r = route(logits, keys)
+        r = group_local(route)(logits, keys)
         y = self._dispatch(x, r, c, w, act)
         counts = jax.vmap(lambda rr: routing.assignment_counts(rr, e))(r).sum(0)
         self._record(r.probs, r.logits, r, load=counts / jnp.maximum(counts.sum(), 1),
@@ -89,6 +109,11 @@ class MoeMlp(nnx.Module):
         plan = self.plan
         if expert_parallel_active() and plan.dispatch != "dense_reference":
             return expert_parallel.expert_parallel_mlp(x, r, c, w, act, transport=plan.ep_transport)
+        return group_local(lambda x, r, w: self._local_dispatch(x, r, c, w, act))(x, r, w)
+
+    def _local_dispatch(self, x: jax.Array, r: routing.Routing, c: int, w: dispatch.ExpertWeights,
+                        act) -> jax.Array:
+        plan = self.plan
         if plan.dispatch == "dense_reference":
             return dispatch.dense_reference(x, dispatch.combine_weights(r, plan.num_experts), w, act)
         if plan.dispatch == "einsum":
