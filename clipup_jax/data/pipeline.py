@@ -1,7 +1,11 @@
 """Grain pipelines from a source of image-text records (see ``sources.records``) to model batches.
 
-Train: ``source -> this process's slice -> seed/shuffle -> repeat -> random_map(decode, random-resized-crop,
-tokenise one caption) -> to_iter_dataset -> drop invalid, counting -> batch -> mp_prefetch``. It yields
+Train: ``source -> seed/shuffle -> repeat -> random_map(decode, random-resized-crop, tokenise one caption) ->
+this process's rows of each global batch -> to_iter_dataset -> drop invalid, counting -> batch -> mp_prefetch``.
+Shuffle and augmentation depend only on the seed and an example's global position, and process ``p`` of ``P`` reads
+rows ``[p*b, (p+1)*b)`` of every global batch of ``P*b``, exactly the rows the batch sharding gives its devices: the
+global batches are the same whatever the number of processes (until an invalid example is replaced by the next one
+of the same process). It yields
 ``{"pixels": float32 (B, H, W, 3) CLIP-normalised, "tokens": int32 (B, L), "num_skipped": int64 ()}``.
 
 Skipped examples (undecodable or empty image, no usable caption: empty, blank or not UTF-8) never crash a run.
@@ -239,6 +243,33 @@ class _Padding:
 
 
 # ----- stream stages -------------------------------------------------------------------------------------------------
+class ProcessRows(grain.MapDataset):
+    """Process ``p``'s rows of every global batch: local element ``j`` is global element
+    ``(j // b) * b * P + p * b + j % b`` (``b`` rows per process, ``P`` processes); whole global batches only."""
+
+    def __init__(self, parent: grain.MapDataset, batch_size: int, process_index: int, process_count: int) -> None:
+        super().__init__(parent)
+        self._b, self._p, self._count = batch_size, process_index, process_count
+        self._length = len(parent) // (batch_size * process_count) * batch_size
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _global_index(self, index: int) -> int:
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} out of range [0, {self._length})")
+        batch, row = divmod(index, self._b)
+        return (batch * self._count + self._p) * self._b + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._global_index(index)]
+
+    def __str__(self) -> str:
+        return f"ProcessRows(batch_size={self._b}, process={self._p}/{self._count})"
+
+
 class _DropSkippedIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, max_consecutive: int) -> None:
         super().__init__(parent)
@@ -314,17 +345,19 @@ def train_pipeline(source: Any, *, tokenizer: Tokenizer, image_size: int, contex
                    max_consecutive_skips: int = 1000) -> grain.IterDataset:
     """Endless (or ``num_epochs``) shuffled training batches of ``batch_size`` per process (see module doc).
 
-    Each process reads the disjoint slice ``source[process_index::process_count]`` and reshuffles it every epoch;
-    its seed mixes in ``process_index`` so processes do not draw identical crops. The output is a pure function of
-    (source, seed, process slice, ``num_workers``) and ``get_state``/``set_state`` resume it exactly.
+    The whole source is reshuffled every epoch with one seed shared by all processes, each taking its rows of every
+    global batch, so the global stream does not depend on the process count. The output is a pure function of
+    (source, seed, process rows, ``num_workers``) and ``get_state``/``set_state`` resume it exactly.
     """
     _check_process(process_index, process_count, batch_size)
-    if len(source) <= process_index:
-        raise ValueError(f"source of {len(source)} examples has nothing for process {process_index}/{process_count}")
+    if len(source) == 0:
+        raise ValueError("the training source is empty")
     transform = TrainExample(tokenizer, image_size, context_length, tuple(crop_scale), tuple(crop_ratio))
-    process_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    ds = ds.seed(process_seed).shuffle().repeat(num_epochs).random_map(transform)
+    # SeedSequence([seed, 0]): the stream seed of process 0 when each process shuffled its own slice, so one-process
+    # streams (and the runs recorded with them) are unchanged.
+    stream_seed = int(np.random.SeedSequence([seed, 0]).generate_state(1)[0])
+    ds = grain.MapDataset.source(source).seed(stream_seed).shuffle().repeat(num_epochs).random_map(transform)
+    ds = ProcessRows(ds, batch_size, process_index, process_count)
     read = grain.ReadOptions(num_threads=_read_threads(read_threads, num_workers), prefetch_buffer_size=2 * batch_size)
     it = DropSkipped(ds.to_iter_dataset(read), max_consecutive_skips)
     return _prefetch(it.batch(batch_size, drop_remainder=True, batch_fn=collate), num_workers)

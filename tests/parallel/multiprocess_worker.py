@@ -1,7 +1,7 @@
 """One process of the multi-process training test (tests/parallel/test_multiprocess.py), and its config file.
 
     python multiprocess_worker.py multi  WORKDIR STEPS TOKENIZER   # with CLIPUP_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID
-    python multiprocess_worker.py single WORKDIR STEPS TOKENIZER   # one process, 8 CPU devices, same global batches
+    python multiprocess_worker.py single WORKDIR STEPS TOKENIZER   # one process, 8 CPU devices
 
 Both go through `clipup-train` (`clipup_jax.cli.train.main`) with this file as the experiment config.
 """
@@ -19,8 +19,6 @@ from clipup_jax.train.recipes import base_config, sparse
 TINY = ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64),
                    text=TextConfig(vocab_size=768, context_length=16, width=32, depth=2, heads=2, mlp_dim=64),
                    embed_dim=16)
-PROCESSES = 2  # the multi-process layout the single-process run reproduces
-
 
 def get_config():
     config = base_config(sparse(TINY, MoEPlan(num_experts=8, top_k=2)))
@@ -51,44 +49,11 @@ def _row_owners(out: pathlib.Path) -> None:
          "contiguous": sum(b - a for a, b in rows) == hi - lo}))
 
 
-class _Emulated:
-    """The global batches of PROCESSES pipelines (process p's rows at [p*b, (p+1)*b)), from one process."""
-
-    def __init__(self, make):
-        self.iters = [iter(make(p)) for p in range(PROCESSES)]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        import numpy as np
-
-        parts = [next(it) for it in self.iters]
-        return {k: (sum(int(p[k]) for p in parts) if np.ndim(parts[0][k]) == 0 else np.concatenate([p[k] for p in parts]))
-                for k in parts[0]}
-
-
-def _emulate_processes() -> None:
-    """Patches the trainer's pipeline so one process sees the same global batches as PROCESSES processes."""
-    import clipup_jax.train.run as run
-
-    real = run.train_pipeline
-
-    def pipeline(source, *, batch_size, process_index=0, process_count=1, **kw):
-        assert process_count == 1
-        return _Emulated(lambda p: real(source, batch_size=batch_size // PROCESSES, process_index=p,
-                                        process_count=PROCESSES, **kw))
-
-    run.train_pipeline = pipeline
-
-
 def main() -> None:
     mode, workdir, steps, tokenizer = sys.argv[1:5]
     workdir = pathlib.Path(workdir)
     from clipup_jax.cli.train import main as train_main
 
-    if mode == "single":
-        _emulate_processes()
     argv = ["--config", __file__, "--workdir", str(workdir), f"--config.total_steps={steps}",
             f"--config.data.tokenizer={tokenizer}"]
     try:

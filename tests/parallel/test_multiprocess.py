@@ -2,10 +2,9 @@
 tiny sparse CLIP with expert parallelism (mesh data=2 x expert=4 over the 8 global devices) through
 `clipup-train`, checkpoint, and resume in a second launch; the params and losses equal one process with 8 devices.
 
-The per-process pipelines read disjoint slices (`source[p::2]`, each shuffled with its own seed), so the global
-batch of 2 processes is not the batch one process would read from the whole source. The single-process
-reference therefore runs the same 2 per-process pipelines side by side and concatenates their batches in
-the order the batch sharding assigns rows to processes (checked: process p fills rows [8p, 8p+8)).
+The reference is a plain `clipup-train` run of the same config: each process reads its rows of the one global
+stream (rows [8p, 8p+8) of every batch of 16, which is also where the batch sharding puts them: checked), so the
+global batches are those of one process.
 """
 
 from __future__ import annotations
@@ -91,7 +90,7 @@ def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path):
     assert [h["step"] for h in resumed] == [4, 5, 6]
     assert "resumed from" in (tmp_path / "resume_0.log").read_text()
 
-    for i in range(2):  # the layout the reference reproduces, and a real 2 x 4-device runtime
+    for i in range(2):  # a real 2 x 4-device runtime, each process feeding its own rows
         rows = json.loads((tmp_path / f"rows_{i}.json").read_text())
         assert rows == {"process": i, "count": 2, "devices": 8, "local_devices": 4, "rows": [8 * i, 8 * i + 8],
                         "contiguous": True}
