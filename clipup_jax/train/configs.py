@@ -60,8 +60,8 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
         known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
         raise ConfigFileError(f"override {override!r}: config has no field {dotted!r} (known here: {known})")
-    value = _parse(raw)
     current = node[leaf]
+    value = raw if isinstance(current, str) else _parse(raw)  # a string field takes the text as written ("none")
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if current is not None and value is not None and not isinstance(current, ml_collections.ConfigDict) \

@@ -95,6 +95,8 @@ def test_overrides_refuse_typos_and_wrong_types(tmp_path):
     assert config.optim.lr == 3e-4
     apply_override(config, "--config.mesh.data=2")
     assert config.mesh.data == 2
+    apply_override(config, "--config.loss=none")  # a string field takes the text as written, never None
+    assert config.loss == "none"
     with pytest.raises(ConfigFileError, match="optim.lrr"):
         apply_override(config, "--config.optim.lrr=1")
     with pytest.raises(ConfigFileError, match="int"):
