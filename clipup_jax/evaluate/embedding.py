@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable, Iterator
 
 import jax
@@ -9,6 +10,18 @@ import numpy as np
 from flax import nnx
 
 from clipup_jax.models import CLIP
+
+
+# Module-level and keyed on the (hashable) graph definition: a periodic eval during training builds a new Embedder
+# each time and must hit the compile cache, not recompile both towers.
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_image(graphdef: nnx.GraphDef, state: nnx.State, pixels: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state).encode_image(pixels)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state).encode_text(tokens)
 
 
 class Embedder:
@@ -20,8 +33,8 @@ class Embedder:
         self.batch_size = batch_size
         graphdef, state = nnx.split(model)
         self._state = state
-        self._image = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x))
-        self._text = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_text(x))
+        self._image = functools.partial(_encode_image, graphdef)
+        self._text = functools.partial(_encode_text, graphdef)
         self.logit_scale = float(np.asarray(model.scale()))
 
     def images(self, batches: Iterable[np.ndarray]) -> np.ndarray:
