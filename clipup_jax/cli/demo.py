@@ -104,6 +104,10 @@ def _figure(histories: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
 
 def _demo(workdir: pathlib.Path, force: bool, pretrain_steps: int, arm_steps: int) -> None:
     t0 = time.perf_counter()
+    if pretrain_steps < 1 or arm_steps < 1:
+        raise ValueError(f"--pretrain-steps {pretrain_steps} / --arm-steps {arm_steps}: both must be >= 1")
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir}: exists and is not a directory")
     if workdir.exists():
         if not force and any(workdir.iterdir()):
             raise ValueError(f"{workdir}: exists and is not empty (pass --force to start over)")

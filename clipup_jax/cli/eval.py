@@ -23,6 +23,8 @@ def _evaluate(checkpoint: pathlib.Path, config_path: pathlib.Path, overrides: li
     from clipup_jax.train.run import eval_data_for
 
     config = load_config(config_path, overrides)
+    if out is not None and not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: directory {out.parent} does not exist")
     ckpt = load_checkpoint(checkpoint, opt_state=False)
     if ckpt.tokenizer_path is None:
         raise ValueError(f"{checkpoint}: has no tokenizer; import it with --tokenizer")

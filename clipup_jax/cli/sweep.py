@@ -22,10 +22,16 @@ def load_sweep(path: pathlib.Path) -> tuple[pathlib.Path, list[dict]]:
         raise ConfigFileError(f"{path}: sweep file not found")
     spec = importlib.util.spec_from_file_location(f"clipup_sweep_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "BASE") or not hasattr(module, "get_sweep"):
+    try:
+        spec.loader.exec_module(module)
+        arms = module.get_sweep() if hasattr(module, "BASE") and hasattr(module, "get_sweep") else None
+    except Exception as e:  # the user's code: one line, like any other bad input
+        raise ConfigFileError(f"{path}: failed to load ({type(e).__name__}: {e})") from e
+    if arms is None:
         raise ConfigFileError(f"{path}: a sweep file defines BASE and get_sweep()")
-    arms = module.get_sweep()
+    if not isinstance(arms, list) or not all(isinstance(a, dict) and isinstance(a.get("overrides"), list)
+                                             for a in arms):
+        raise ConfigFileError(f"{path}: get_sweep() must return a list of {{'name': str, 'overrides': [str, ...]}}")
     names = [arm.get("name", "") for arm in arms]
     bad = [n for n in names if not re.fullmatch(r"[\w.+-]+", n)]
     if bad or len(set(names)) != len(names):
@@ -37,7 +43,14 @@ def load_sweep(path: pathlib.Path) -> tuple[pathlib.Path, list[dict]]:
 
 
 def _sweep(path: pathlib.Path, workdir: pathlib.Path, dry_run: bool) -> None:
+    from clipup_jax.train.trainer import check_config
+
     base, arms = load_sweep(path)
+    for arm in arms:  # every arm's config is sound before the first one trains
+        try:
+            check_config(load_config(base, arm["overrides"]), workdir / arm["name"])
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigFileError(f"{path}: arm {arm['name']!r}: {e}") from e
     for i, arm in enumerate(arms, 1):
         command = ["clipup-train", "--config", str(base), "--workdir", str(workdir / arm["name"]), *arm["overrides"]]
         print(f"[{i}/{len(arms)}] {arm['name']}: {shlex.join(command)}", flush=True)

@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     def body() -> None:
         from clipup_jax.parallel.distributed import initialize
         from clipup_jax.train.run import run_experiment  # deferred: jax start-up after argument errors
+        from clipup_jax.train.trainer import check_config
 
         config = load_config(args.config, overrides)
         initialize()  # multi-host: TPU pod / SLURM auto, or CLIPUP_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID; else no-op
+        check_config(config, args.workdir)  # before run_experiment writes anything
         run_experiment(config, args.workdir)
 
     run_cli("clipup-train", body)

@@ -25,7 +25,22 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
         d = self.dtype
-        qkv = jnp.einsum("btd,dshk->sbthk", x.astype(d), self.qkv_kernel[...].astype(d))
-        qkv = qkv + self.qkv_bias[...].astype(d)[:, None, None]
-        y = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
-        return jnp.einsum("bthk,hkd->btd", y, self.out_kernel[...].astype(d)) + self.out_bias[...].astype(d)
+        # Heads-major (b, h, t, k) from the projection on: both attention matmuls then batch over leading axes.
+        qkv = jnp.einsum("btd,dshk->sbhtk", x.astype(d), self.qkv_kernel[...].astype(d))
+        qkv = qkv + self.qkv_bias[...].astype(d)[:, None, :, None]
+        y = attention(qkv[0], qkv[1], qkv[2], causal)
+        return jnp.einsum("bhtk,hkd->btd", y, self.out_kernel[...].astype(d)) + self.out_bias[...].astype(d)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim)) v on (B, H, T, head_dim) arrays, logits and softmax in float32.
+
+    Written out rather than `jax.nn.dot_product_attention` (whose default is this same XLA computation):
+    that one takes (B, T, H, K), vmaps over head groups and transposes around the softmax, which costs
+    the CPU train step ~15 % of an attention layer in layout copies (profiled: benchmarks/RESULTS.md).
+    """
+    logits = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if causal:
+        t = jnp.arange(q.shape[2])
+        logits = jnp.where(t[:, None] >= t[None, :], logits, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bhts,bhsk->bhtk", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)

@@ -28,16 +28,20 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class CLIP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32, remat: bool = False):
-        """`dtype` is the compute dtype (params stay float32); `remat` trades compute for activation memory."""
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32, remat: str = "none",
+                 scan: bool = False):
+        """`dtype` is the compute dtype (params stay float32); `remat` ("none", "full", "dots") trades compute for
+        activation memory; `scan` runs repeated blocks with one `lax.scan` (same parameters; see `Encoder`)."""
         cfg.validate()
         self.cfg = cfg
         shared = None
         if cfg.shared_backbone:  # validated: both towers have the same encoder shape and MoE plan
             v = cfg.vision
-            shared = Encoder(v.width, v.heads, v.mlp_dim, v.depth, cfg.activation, cfg.ln_eps, rngs, dtype, v.moe, remat)
-        self.visual = VisionTower(cfg.vision, cfg.embed_dim, cfg.activation, cfg.ln_eps, rngs, dtype, shared, remat)
-        self.text = TextTower(cfg.text, cfg.embed_dim, cfg.activation, cfg.ln_eps, rngs, dtype, shared, remat)
+            shared = Encoder(v.width, v.heads, v.mlp_dim, v.depth, cfg.activation, cfg.ln_eps, rngs, dtype, v.moe,
+                             remat, scan)
+        self.visual = VisionTower(cfg.vision, cfg.embed_dim, cfg.activation, cfg.ln_eps, rngs, dtype, shared, remat,
+                                  scan)
+        self.text = TextTower(cfg.text, cfg.embed_dim, cfg.activation, cfg.ln_eps, rngs, dtype, shared, remat, scan)
         self.logit_scale = nnx.Param(jnp.asarray(np.log(1 / 0.07), jnp.float32), logical_axes=())
         self.logit_bias = nnx.Param(jnp.asarray(-10.0, jnp.float32), logical_axes=()) if cfg.logit_bias else None
 

@@ -15,7 +15,8 @@ class VisionTower(nnx.Module):
     """Patchify (a bias-free conv as one matmul), [cls], +pos, ln_pre, blocks, ln_post, pool, project."""
 
     def __init__(self, cfg: VisionConfig, embed_dim: int, activation: Activation, ln_eps: float, rngs: nnx.Rngs,
-                 dtype: jnp.dtype = jnp.float32, encoder: Encoder | None = None, remat: bool = False):
+                 dtype: jnp.dtype = jnp.float32, encoder: Encoder | None = None, remat: str = "none",
+                 scan: bool = False):
         self.cfg = cfg
         self.dtype = dtype
         w, p = cfg.width, cfg.patch_size
@@ -30,7 +31,7 @@ class VisionTower(nnx.Module):
         self.ln_pre = LayerNorm(w, ln_eps) if cfg.ln_pre else None
         # `encoder` is given when both towers share one backbone (LIMoE-style).
         if encoder is None:
-            encoder = Encoder(w, cfg.heads, cfg.mlp_dim, cfg.depth, activation, ln_eps, rngs, dtype, cfg.moe, remat)
+            encoder = Encoder(w, cfg.heads, cfg.mlp_dim, cfg.depth, activation, ln_eps, rngs, dtype, cfg.moe, remat, scan)
         self.encoder = encoder
         self.ln_post = LayerNorm(w, ln_eps)
         self.proj = Projection(w, embed_dim, cfg.proj_bias, rngs, dtype)
@@ -67,7 +68,8 @@ class TextTower(nnx.Module):
     """Token + position embedding, causal blocks, ln_final, pool at EOT (argmax id), project."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int, activation: Activation, ln_eps: float, rngs: nnx.Rngs,
-                 dtype: jnp.dtype = jnp.float32, encoder: Encoder | None = None, remat: bool = False):
+                 dtype: jnp.dtype = jnp.float32, encoder: Encoder | None = None, remat: str = "none",
+                 scan: bool = False):
         self.cfg = cfg
         self.dtype = dtype
         w = cfg.width
@@ -75,7 +77,7 @@ class TextTower(nnx.Module):
         self.pos_embed = nnx.Param(normal(rngs, (cfg.context_length, w), 0.01), logical_axes=(None, "embed"))
         # `encoder` is given when both towers share one backbone (LIMoE-style).
         if encoder is None:
-            encoder = Encoder(w, cfg.heads, cfg.mlp_dim, cfg.depth, activation, ln_eps, rngs, dtype, cfg.moe, remat)
+            encoder = Encoder(w, cfg.heads, cfg.mlp_dim, cfg.depth, activation, ln_eps, rngs, dtype, cfg.moe, remat, scan)
         self.encoder = encoder
         self.ln_final = LayerNorm(w, ln_eps)
         self.proj = Projection(w, embed_dim, cfg.proj_bias, rngs, dtype)

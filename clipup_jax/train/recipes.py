@@ -37,9 +37,20 @@ def base_config(model: ModelConfig | str) -> ml_collections.ConfigDict:
     config.batch_size = 256  # global
     config.total_steps = 1000
     config.loss = "clip"  # or "siglip"
+    config.loss_impl = "global"  # or "sharded": shard_map, each device only its B_local x B logits (train/losses.py)
+    # A step whose loss, input pixels, gradients or updated params hold NaN/Inf is never applied. "stop": raise,
+    # keeping the last good checkpoint; "skip": drop that step's update, warn and count it (more than
+    # max_nonfinite_skips such steps in a row stops the run).
+    config.nonfinite = "stop"
+    config.max_nonfinite_skips = 10
     config.compute_dtype = "float32"  # or "bfloat16" (params stay float32)
-    config.remat = False  # recompute block activations in the backward pass (less memory, ~1/3 more compute)
+    # Recompute block activations in the backward pass: "none", "full" (keep only each block's input; less
+    # memory, ~1/3 more compute) or "dots" (keep matmul outputs, recompute the elementwise rest).
+    config.remat = "none"
+    config.scan_layers = False  # run repeated blocks with one lax.scan: compile time flat in depth, same params
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1})
+    # Multi-slice TPU: each axis' cross-slice (DCN) factor, e.g. data=2 for two slices (parallel/mesh.py).
+    config.dcn_mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1})
     config.optim = ml_collections.ConfigDict({
         "lr": 5e-4, "warmup_steps": 100, "schedule": "cosine", "end_lr_fraction": 0.0,
         "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.2, "grad_clip_norm": 1.0,
@@ -71,8 +82,12 @@ def continued_training(model: ModelConfig | str, expert_axis: int = 1) -> ml_col
     config.data.num_workers = 16
     config.batch_size = 32768
     config.total_steps = 20_000
+    # At batch 32768 the global logits are 4 GiB of float32 (B x B) per copy: each device computes only its
+    # B_local x B rows, whatever sharding GSPMD would have propagated.
+    config.loss_impl = "sharded"
     config.compute_dtype = "bfloat16"
-    config.remat = True
+    config.remat = "full"
+    config.scan_layers = True
     config.mesh.expert = expert_axis
     config.optim.lr = 1e-4  # reduced relative to pre-training, as upcycling recipes do
     config.optim.warmup_steps = 1000

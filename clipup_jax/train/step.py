@@ -14,7 +14,8 @@ from flax import nnx
 from clipup_jax.models import CLIP
 from clipup_jax.models.layers import LN_100
 from clipup_jax.models.moe import moe_aux
-from clipup_jax.train.losses import clip_softmax_loss, siglip_sigmoid_loss
+from clipup_jax.models.param_tree import tree_path_name
+from clipup_jax.train.losses import make_contrastive_loss
 
 
 @flax.struct.dataclass
@@ -34,18 +35,29 @@ def _global_norm(tree: Any) -> jax.Array:
     return optax.tree.norm(tree)
 
 
+def nonfinite_check_names(params: nnx.State) -> list[str]:
+    """What each entry of a step's `nonfinite` metric (a bool vector) refers to, in order; the host maps the
+    vector to these names only when a step was not finite."""
+    names = [tree_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return ["batch/pixels", "loss", *(f"grad/{n}" for n in names), *(f"update/{n}" for n in names)]
+
+
+def _finite_leaves(tree: Any) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)])
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_name: str,
-                    schedule: optax.Schedule):
-    """(state, batch) -> (state, metrics). Aux losses of every MoE layer join the contrastive loss."""
+                    schedule: optax.Schedule, loss_impl: str = "global"):
+    """(state, batch) -> (state, metrics). Aux losses of every MoE layer join the contrastive loss, computed
+    as `loss_impl` ("global" logits, or "sharded" over the mesh's batch axes: `train.losses`)."""
+    contrastive_loss = make_contrastive_loss(loss_name, loss_impl)
 
     def loss_fn(params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]):
-        model = nnx.merge(graphdef, params, rest)
+        # copy=True: fresh Variables inside this trace, so the router-noise RNG counters can advance in it.
+        model = nnx.merge(graphdef, params, rest, copy=True)
         model.set_attributes(deterministic=False, raise_if_not_found=False)  # train capacity + router noise
         out, intermediates = nnx.capture(lambda m: m(batch["pixels"], batch["tokens"]), nnx.Intermediate)(model)
-        if loss_name == "siglip":
-            contrastive = siglip_sigmoid_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
-        else:
-            contrastive = clip_softmax_loss(out.image_features, out.text_features, out.logit_scale)
+        contrastive = contrastive_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
         aux, per_layer = moe_aux(intermediates)
         metrics = {"contrastive_loss": contrastive, "aux_loss": aux, "logit_scale": out.logit_scale}
         for layer, values in per_layer.items():
@@ -58,13 +70,29 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # open_clip clamps the temperature after every step: exp(logit_scale) stays within [1, 100].
-        params["logit_scale"] = jax.tree.map(lambda v: jnp.clip(v, 0.0, LN_100), params["logit_scale"])
-        finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        metrics = dict(metrics, loss=loss, grad_norm=_global_norm(grads), param_norm=_global_norm(params),
-                       lr=schedule(state.step), finite=finite)
+        grad_norm = _global_norm(grads)
+        # One test from values computed anyway: a NaN/Inf in any gradient makes their norm non-finite.
+        inputs_ok = jnp.all(jnp.isfinite(batch["pixels"])) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            # open_clip clamps the temperature after every step: exp(logit_scale) stays within [1, 100].
+            params["logit_scale"] = jax.tree.map(lambda v: jnp.clip(v, 0.0, LN_100), params["logit_scale"])
+            return params, opt_state
+
+        # A non-finite step is never applied (whatever config.nonfinite says). `cond`, not a select over every
+        # weight and moment: the good path costs nothing extra. The step and router-noise counters still advance.
+        params, opt_state = jax.lax.cond(inputs_ok, update, lambda _: (state.params, state.opt_state), None)
+        param_norm = _global_norm(params)
+        finite = inputs_ok & jnp.isfinite(param_norm)  # the latter: an update from finite gradients overflowed
+        # Which tensors (order: nonfinite_check_names), computed only on a bad step.
+        nonfinite = jax.lax.cond(
+            finite, lambda: jnp.zeros(len(jax.tree.leaves(grads)) * 2 + 2, jnp.bool_),
+            lambda: ~jnp.concatenate([jnp.all(jnp.isfinite(batch["pixels"]))[None], jnp.isfinite(loss)[None],
+                                      _finite_leaves(grads), _finite_leaves(params)]))
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, param_norm=param_norm, lr=schedule(state.step),
+                       finite=finite, nonfinite=nonfinite, applied=inputs_ok)
         return TrainState(state.step + 1, params, opt_state, rest), metrics
 
     return step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -15,25 +16,77 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clipup_jax.checkpoints.format import TOKENIZER_DIR, load_checkpoint, metadata_dict, write_metadata
+from clipup_jax.checkpoints.format import TOKENIZER_DIR, load_checkpoint, metadata_dict, read_metadata, write_metadata
+from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR
 from clipup_jax.checkpoints.params import assign_params
 from clipup_jax.config import ModelConfig
 from clipup_jax.data.tokenizer import source_files
 from clipup_jax.models import CLIP
+from clipup_jax.parallel.layout import report_layout
 from clipup_jax.parallel.mesh import make_mesh
 from clipup_jax.parallel.sharding import batch_spec, param_shardings
 from clipup_jax.train.checkpointing import TrainCheckpoints, abstract_like
 from clipup_jax.train.metrics_log import MetricsLog, scalar_metrics
 from clipup_jax.models.param_tree import tree_path_name
-from clipup_jax.train.optimizer import make_optimizer
-from clipup_jax.train.step import TrainState, flops_per_step, init_state, make_train_step
+from clipup_jax.train.losses import make_contrastive_loss
+from clipup_jax.train.optimizer import make_optimizer, schedule as make_schedule
+from clipup_jax.train.step import TrainState, flops_per_step, init_state, make_train_step, nonfinite_check_names
 
 DataFactory = Callable[[ModelConfig, int, int], Iterator[dict[str, np.ndarray]]]
 EvalFn = Callable[[CLIP, int], dict[str, float]]
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or a gradient became NaN/Inf; the last good checkpoint is kept as it is."""
+    """A step's input pixels, loss, gradients or update held NaN/Inf (config.nonfinite="stop"), or more than
+    config.max_nonfinite_skips such steps came in a row ("skip"). That step was not applied and never saved:
+    the last good checkpoint is kept as it is."""
+
+
+class _NonFiniteGuard:
+    """Applies config.nonfinite to every step's `finite` flag. A step is checked once the next one is launched
+    (one step late), so the host never waits on the step it just launched; `check(now=True)` before anything
+    that reads the state (log, eval, save) keeps a bad step out of checkpoints."""
+
+    def __init__(self, config: ml_collections.ConfigDict, names: list[str], latest_good: Callable[[], int | None],
+                 verbose: bool):
+        self.policy, self.limit, self.names = config.nonfinite, config.max_nonfinite_skips, names
+        self.latest_good, self.verbose = latest_good, verbose
+        self.pending: tuple[int, dict[str, jax.Array]] | None = None
+        self.skipped = 0  # steps skipped in this run
+        self.in_row = 0
+
+    def check(self, step: int, metrics: dict[str, jax.Array], now: bool) -> None:
+        self.flush()
+        self.pending = (step, metrics)
+        if now:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        if bool(metrics["finite"]):
+            self.in_row = 0
+            return
+        bad = [name for name, flag in zip(self.names, np.asarray(metrics["nonfinite"])) if flag]
+        culprits = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
+        good = f"latest good checkpoint: step {self.latest_good()}"
+        if bool(metrics["applied"]):  # finite inputs and gradients, yet the update overflowed: no skip can undo it
+            raise NonFiniteLoss(f"step {step}: the update from finite gradients made parameters non-finite "
+                                f"({culprits}); lower config.optim.lr or config.optim.grad_clip_norm; {good}")
+        if self.policy == "stop":
+            raise NonFiniteLoss(f"step {step}: not finite: {culprits}; the step was not applied "
+                                f"(config.nonfinite='stop'); {good}")
+        self.skipped += 1
+        self.in_row += 1
+        if self.in_row > self.limit:
+            raise NonFiniteLoss(f"step {step}: {self.in_row} non-finite steps in a row, more than "
+                                f"config.max_nonfinite_skips={self.limit} (last: {culprits}); {good}")
+        if self.verbose:
+            print(f"warning: step {step}: not finite: {culprits}; update skipped "
+                  f"({self.skipped} skipped in this run)", flush=True)
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -69,7 +122,8 @@ def _dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
 
 
 def _fresh_model(config: ml_collections.ConfigDict, cfg: ModelConfig) -> CLIP:
-    return CLIP(cfg, nnx.Rngs(config.seed, router=config.seed + 1), _dtype(config), remat=config.remat)
+    return CLIP(cfg, nnx.Rngs(config.seed, router=config.seed + 1), _dtype(config), remat=config.remat,
+                scan=config.scan_layers)
 
 
 def _initial_model(config: ml_collections.ConfigDict, cfg: ModelConfig, upcycle: Callable | None) -> CLIP:
@@ -79,19 +133,66 @@ def _initial_model(config: ml_collections.ConfigDict, cfg: ModelConfig, upcycle:
         return model
     ckpt = load_checkpoint(config.init.checkpoint)
     params = ckpt.params
+    _check_init(config, cfg, ckpt.config)
     if cfg.is_sparse and not ckpt.config.is_sparse:
         if upcycle is None:
             raise ValueError("config.init.checkpoint is dense but the model is sparse, and no upcycler was given")
         params = upcycle(params, ckpt.config, cfg, config.seed)
-    elif ckpt.config != cfg:
-        raise ValueError(f"{config.init.checkpoint}: its model config differs from config.model; "
-                         "fix config.model or start from a compatible checkpoint")
     assign_params(model, params, cfg, str(config.init.checkpoint))
     return model
 
 
+def _check_init(config: ml_collections.ConfigDict, cfg: ModelConfig, init: ModelConfig) -> None:
+    """The init checkpoint's model must be config.model, or its dense parent (then it is upcycled)."""
+    dense = cfg.replace(vision=dataclasses.replace(cfg.vision, moe=None), text=dataclasses.replace(cfg.text, moe=None))
+    if init != cfg and init != dense:
+        if init.is_sparse and not cfg.is_sparse:
+            what = "a sparse checkpoint, but config.model is dense"
+        elif cfg.is_sparse and not init.is_sparse:
+            what = "a dense checkpoint that differs from config.model without its MoE layers (nothing to upcycle)"
+        else:
+            what = "its model config differs from config.model"
+        raise ValueError(f"config.init.checkpoint={config.init.checkpoint}: {what}; fix config.model or start "
+                         "from a compatible checkpoint")
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None) -> None:
+    """Every check that needs no compile and writes nothing, so a bad config fails at once with one line naming
+    the field or file (the CLIs call it before `run_experiment` creates the workdir)."""
+    for field in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if not isinstance(config[field], int) or config[field] < 1:
+            raise ValueError(f"config.{field}={config[field]!r}: must be an integer >= 1")
+    if config.eval_every < 0:
+        raise ValueError(f"config.eval_every={config.eval_every}: must be >= 0 (0 = never)")
+    if config.nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"config.nonfinite={config.nonfinite!r}: expected one of {', '.join(NONFINITE_POLICIES)}")
+    if config.max_nonfinite_skips < 0:
+        raise ValueError(f"config.max_nonfinite_skips={config.max_nonfinite_skips}: must be >= 0")
+    make_contrastive_loss(config.loss, config.loss_impl)  # validates both names
+    make_schedule(config.optim, config.total_steps)  # validates the schedule name
+    _dtype(config)
+    cfg = model_config(config)
+    mesh = _mesh(config)
+    experts = mesh.shape.get("expert", 1)
+    for tower in ("vision", "text"):
+        plan = getattr(cfg, tower).moe
+        if plan is not None and plan.num_experts % experts:
+            raise ValueError(f"config.model.{tower}.moe.num_experts={plan.num_experts} is not divisible by the "
+                             f"mesh's expert axis ({experts}: mesh {dict(mesh.shape)})")
+    if config.data.tokenizer and not pathlib.Path(config.data.tokenizer).exists():
+        raise FileNotFoundError(f"config.data.tokenizer={config.data.tokenizer}: no such file or directory")
+    if workdir is not None:
+        workdir = pathlib.Path(workdir)
+        if workdir.exists() and not workdir.is_dir():
+            raise ValueError(f"workdir {workdir}: exists and is not a directory")
+        if (workdir / CHECKPOINTS_DIR).is_dir():
+            return  # resuming: the init checkpoint is not read again
+    if config.init.checkpoint:
+        _check_init(config, cfg, read_metadata(config.init.checkpoint)[1])
+
+
 def _mesh(config: ml_collections.ConfigDict):
-    mesh = make_mesh(dict(config.mesh))
+    mesh = make_mesh(dict(config.mesh), dcn=dict(config.get("dcn_mesh") or {}))  # dcn: multi-slice factors
     data_axes = np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert") if a in mesh.shape])
     if config.batch_size % data_axes:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel devices "
@@ -104,7 +205,7 @@ def _batch_shardings(mesh) -> dict[str, NamedSharding]:
 
 
 def _jit_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx, schedule, shardings, mesh):
-    return jax.jit(make_train_step(graphdef, tx, config.loss, schedule),
+    return jax.jit(make_train_step(graphdef, tx, config.loss, schedule, config.loss_impl),
                    in_shardings=(shardings, _batch_shardings(mesh)), out_shardings=(shardings, None),
                    donate_argnums=0)
 
@@ -146,6 +247,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
           upcycle: Callable | None = None) -> dict[str, Any]:
     """Runs (or resumes) `config` in `workdir`; returns the history of logged metrics and evaluations."""
     workdir = pathlib.Path(workdir)
+    check_config(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = model_config(config)
     mesh = _mesh(config)
@@ -162,6 +264,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
         tx, schedule = make_optimizer(config.optim, params, config.total_steps)
         graphdef, state = init_state(model, tx)
         shardings = _state_shardings(state, mesh, cfg)
+        if main_process:
+            report_layout(state, shardings, workdir)  # printed, and the full table in layout.txt
         state = jax.device_put(state, shardings)
         data_iter = data(cfg, jax.process_index(), jax.process_count())
         if resuming:
@@ -182,6 +286,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
 
         preempted = []
         previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+        guard = _NonFiniteGuard(config, nonfinite_check_names(state.params), checkpoints.latest_step, main_process)
         flops = None
         skipped = 0  # examples the pipeline dropped (corrupt images, empty captions), summed over this run
         start_step = int(state.step)
@@ -193,12 +298,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
                 if flops is None:
                     flops = flops_per_step(step_fn.lower(state, batch).compile())
                 state, metrics = step_fn(state, batch)
-                if step % config.log_every == 0 or step == config.total_steps:
+                last = step == config.total_steps
+                stopping = bool(preempted)  # read once: the save below and the break agree
+                log_now = step % config.log_every == 0 or last
+                eval_now = evaluate is not None and config.eval_every and (step % config.eval_every == 0 or last)
+                guard.check(step, metrics, now=log_now or eval_now or last or stopping
+                            or checkpoints.manager.should_save(step))
+                if log_now:
                     metrics = jax.device_get(metrics)
-                    if not bool(metrics.pop("finite")):
-                        raise NonFiniteLoss(f"step {step}: loss or gradients are not finite (loss={metrics['loss']}); "
-                                            f"latest good checkpoint: step {checkpoints.latest_step()}")
-                    scalars = {**scalar_metrics(metrics), "data/skipped_examples": float(skipped)}
+                    for key in ("finite", "nonfinite", "applied"):
+                        metrics.pop(key)
+                    scalars = {**scalar_metrics(metrics), "data/skipped_examples": float(skipped),
+                               "train/skipped_nonfinite_steps": float(guard.skipped)}
                     shown = {k: scalars[k] for k in ("loss", "contrastive_loss", "aux_loss", "lr") if k in scalars}
                     rates = log.progress(step, shown, config.batch_size)
                     if rates and flops:
@@ -207,15 +318,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
                             rates["mfu"] = rates["tflops_per_s"] / (config.peak_tflops_per_device * jax.device_count())
                     log.write(step, {**scalars, **rates})
                     history["train"].append({"step": step, **scalars, **rates})
-                if evaluate is not None and config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
+                if eval_now:
                     results = evaluate(nnx.merge(graphdef, state.params, state.rest), step)
                     log.write(step, {f"eval/{k}": v for k, v in results.items()})
                     history["eval"].append({"step": step, **results})
                     if main_process:
                         shown = {k: v for k, v in results.items() if not k.startswith("eval_")}
                         print(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()), flush=True)
-                saved = checkpoints.save(step, state, data_iter, force=step == config.total_steps or bool(preempted))
-                if preempted:
+                saved = checkpoints.save(step, state, data_iter, force=last or stopping)
+                if stopping:
                     checkpoints.wait()  # the VM may be gone in seconds: make the save durable before saying so
                     print(f"SIGTERM: {'saved' if saved else 'could not save'} step {step}, stopping", flush=True)
                     break

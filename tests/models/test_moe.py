@@ -191,7 +191,7 @@ def test_remat_changes_memory_not_results():
     pixels = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     tokens = jnp.ones((2, 16), jnp.int32)
     results = []
-    for remat in (False, True):
+    for remat in ("none", "full"):
         graphdef, params, rest = nnx.split(CLIP(cfg, nnx.Rngs(0), remat=remat), nnx.Param, ...)
 
         def loss(params):

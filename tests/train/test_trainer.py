@@ -78,9 +78,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     good = _params(tmp_path / "run")
     config = _config(steps=6)
     config.optim.lr = 1e30  # the next update blows the parameters up
-    with pytest.raises(NonFiniteLoss, match="not finite"):
+    # Either the update itself overflows (stopped whatever the policy), or it leaves huge finite parameters
+    # whose next loss is NaN (stopped by the default "stop" policy); nothing non-finite is ever saved.
+    with pytest.raises(NonFiniteLoss, match="made parameters non-finite|not finite"):
         run_experiment(config, tmp_path / "run")
-    # Step 4 made the parameters huge but finite (and was saved); step 5's loss is NaN: nothing later is saved.
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt.metadata["step"] in (3, 4)
     assert all(np.all(np.isfinite(v)) for v in ckpt.params.values())

@@ -1,0 +1,89 @@
+"""The layout table against where JAX actually puts the shards of a train state."""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from clipup_jax.config import ModelConfig, MoEPlan, TextConfig, VisionConfig
+from clipup_jax.parallel.layout import format_layout, state_layout
+from clipup_jax.parallel.memory_plan import abstract_mesh, abstract_train_state
+from clipup_jax.parallel.mesh import make_mesh
+from clipup_jax.train.recipes import base_config, sparse
+from clipup_jax.train.trainer import _state_shardings, model_config
+
+MODEL = sparse(ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, depth=4, heads=2, mlp_dim=64),
+                           text=TextConfig(vocab_size=64, context_length=8, width=32, depth=2, heads=2, mlp_dim=64),
+                           embed_dim=16),
+               MoEPlan(num_experts=4, top_k=2))
+
+
+def _placed(mesh_shape: dict[str, int]):
+    """The trainer's train state laid out on a real mesh (zeros, placed shard by shard), and its shardings."""
+    config = base_config(MODEL)
+    config.mesh = ml_collections.ConfigDict(mesh_shape)
+    state = abstract_train_state(config)
+    shardings = _state_shardings(state, make_mesh(mesh_shape), model_config(config))
+    placed = jax.tree.map(lambda x, s: jax.make_array_from_callback(
+        x.shape, s, lambda idx, x=x: np.zeros(x.shape, x.dtype)[idx]), state, shardings)
+    return state, shardings, placed
+
+
+def _bytes_per_device(tree) -> dict[int, int]:
+    held = collections.Counter()
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            held[shard.device.id] += shard.data.nbytes
+    return dict(held)
+
+
+def test_layout_totals_are_what_each_device_holds():
+    state, shardings, placed = _placed({"fsdp": 2, "expert": 4})
+    layout = state_layout(state, shardings)
+    params, opt = _bytes_per_device(placed.params), _bytes_per_device(placed.opt_state)
+    everything = _bytes_per_device(placed)
+    assert set(params.values()) == {layout.params_bytes} and set(opt.values()) == {layout.opt_bytes}
+    assert set(everything.values()) == {layout.state_bytes} and len(everything) == 8
+    assert layout.uneven == [] and layout.min_device_bytes == layout.state_bytes
+    global_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(placed.params))
+    assert layout.global_param_bytes == global_bytes > layout.params_bytes
+
+
+def test_rows_group_blocks_and_keep_dense_and_moe_apart():
+    state, shardings, _ = _placed({"fsdp": 2, "expert": 4})
+    rows = {(r.group, r.shape): r for r in state_layout(state, shardings).rows}
+    dense = rows[("visual/encoder/blocks/*/mlp/fc1_kernel", (32, 64))]
+    moe = rows[("visual/encoder/blocks/*/mlp/fc1_kernel", (4, 32, 64))]
+    assert (dense.count, tuple(dense.spec)) == (2, ("fsdp", None))  # blocks 0 and 2
+    assert (moe.count, tuple(moe.spec)) == (2, ("expert", "fsdp", None))  # blocks 1 and 3: experts over 4 devices
+    assert moe.param_bytes == 2 * (1 * 16 * 64) * 4 and dense.param_bytes == 2 * (16 * 64) * 4
+    assert moe.opt_bytes == 2 * moe.param_bytes  # Adam mu and nu, laid out like the parameter
+    assert sum(r.count for r in rows.values()) == len(jax.tree.leaves(state.params))
+
+
+def test_compact_table_folds_small_arrays():
+    state, shardings, _ = _placed({"data": 8})
+    layout = state_layout(state, shardings)
+    compact, full = format_layout(layout, compact=True), format_layout(layout, compact=False)
+    assert "visual/... (small arrays)" in compact and "small arrays" not in full
+    assert "visual/encoder/blocks/*/ln_1/scale" in full and "ln_1" not in compact
+    assert len(compact.splitlines()) < len(full.splitlines())
+    assert "WARNING" not in full
+
+
+def test_uneven_shards_are_flagged():
+    mesh = abstract_mesh({"data": 8})
+    state = {"params": {"w": jax.ShapeDtypeStruct((6, 4), np.float32), "b": jax.ShapeDtypeStruct((8,), np.float32)},
+             "opt_state": {"mu": {"w": jax.ShapeDtypeStruct((6, 4), np.float32)}}}
+    shardings = {"params": {"w": NamedSharding(mesh, P("data")), "b": NamedSharding(mesh, P("data"))},
+                 "opt_state": {"mu": {"w": NamedSharding(mesh, P("data"))}}}
+    layout = state_layout(state, shardings)
+    assert sorted(layout.uneven) == ["opt_state/mu/w", "params/w"]
+    assert layout.params_bytes == (4 + 1) * 4  # rows of 6 in chunks of 1: device 0 holds one row and one b
+    assert layout.min_device_bytes == 4  # the last device: no row of w (or of its moment), one b
+    assert {r.group: r.opt_bytes for r in layout.rows} == {"w": 16, "b": 0}
+    assert "WARNING: devices differ" in format_layout(layout)
