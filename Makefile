@@ -26,12 +26,7 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 2 -q
 
 bench: $(VENV)/.installed-test
-	$(BIN)/python -m benchmarks.tokenizer
-	$(BIN)/python -m benchmarks.synthetic_data
-	$(BIN)/python -m benchmarks.data_pipeline
-	$(BIN)/python -m benchmarks.moe_layer
-	$(BIN)/python -m benchmarks.train_step
-	$(BIN)/python -m benchmarks.upcycle
+	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) out

@@ -1,6 +1,6 @@
 """Generation speed of the embedded data set, one core, one process.
 
-Run from the repo root: ``python -m benchmarks.synthetic_data``. The demo's input pipeline must not be the
+Run from the repo root: ``python -m benchmarks.synthetic_data [--quick]``. The demo's input pipeline must not be the
 bottleneck of a tiny CLIP on CPU, so each row is examples/s for one way of drawing examples: full examples
 (image + captions + labels) per split and image size, captions alone (the tokenizer corpus), and full examples
 plus tokenising all their captions with a BPE vocab trained on this data.
@@ -30,28 +30,48 @@ def _rate(fn: Callable[[int], object], n: int, repeats: int = 3) -> float:
     return n / best
 
 
-def main() -> None:
-    train64, eval64 = SyntheticCaptions("train", N), SyntheticCaptions("eval", N)
-    train224 = SyntheticCaptions("train", N, image_size=224)
+def measure(n: int = N) -> tuple[list[tuple[str, float]], dict]:
+    """[(row, examples/s)], and the tokenizer's size and build time."""
+    train64, eval64 = SyntheticCaptions("train", n), SyntheticCaptions("eval", n)
+    train224 = SyntheticCaptions("train", n, image_size=224)
     train64[0], train224[0]  # build the noise-texture banks outside the timing
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        tok = Tokenizer.from_path(build_tokenizer(tmp, train64, num_texts=N))
+        tok = Tokenizer.from_path(build_tokenizer(tmp, train64, num_texts=n))
         build_s = time.perf_counter() - start
     tok(list(train64.captions(0)), CONTEXT_LENGTH)
 
     rows = [
-        ("train, 64x64", _rate(train64.__getitem__, N)),
-        ("eval, 64x64 (rejection-sampled reserve)", _rate(eval64.__getitem__, N)),
-        ("train, 224x224", _rate(train224.__getitem__, N // 4)),
-        ("train captions only (no image)", _rate(train64.captions, N)),
-        (f"train, 64x64 + tokenise {NUM_CAPTIONS} captions", _rate(lambda i: tok(train64[i]["captions"]), N)),
+        ("train, 64x64", _rate(train64.__getitem__, n)),
+        ("eval, 64x64 (redraws until a reserved caption)", _rate(eval64.__getitem__, n)),
+        ("train, 224x224", _rate(train224.__getitem__, n // 4)),
+        ("train captions only (no image)", _rate(train64.captions, n)),
+        (f"train, 64x64 + tokenise all {NUM_CAPTIONS} captions", _rate(lambda i: tok(train64[i]["captions"]), n)),
     ]
-    print(f"{N} examples per row, best of 3, one core; tokenizer ({tok.vocab_size} ids) built in {build_s:.1f}s "
-          f"from {N * NUM_CAPTIONS} captions")
-    print(f"{'generation':<44}{'examples/s':>12}{'us/example':>12}")
-    for name, rate in rows:
-        print(f"{name:<44}{rate:>12,.0f}{1e6 / rate:>12.0f}")
+    return rows, {"vocab": tok.vocab_size, "build_s": build_s}
+
+
+def section(quick: bool = False):
+    from benchmarks.run import Goal, Section
+
+    n = 400 if quick else N
+    rows, info = measure(n)
+    lines = [f"Command: `python -m benchmarks.synthetic_data{' --quick' if quick else ''}` (one core, best of 3, "
+             f"{n:,} examples per row; 224x224: {n // 4:,}).", "",
+             "| generation | examples/s | µs/example |", "|---|---:|---:|"]
+    lines += [f"| {name} | {rate:,.0f} | {1e6 / rate:.0f} |" for name, rate in rows]
+    rate = dict(rows)["train, 64x64"]
+    return Section("Embedded synthetic data set: generation speed", "\n".join(lines),
+                   [Goal("synthetic train examples/s, 64x64, one core (reported)", f"{rate:,.0f}", None)],
+                   {"examples_per_s": rate})
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="400 examples per row (a smoke run)")
+    print(section(parser.parse_args().quick).markdown())
 
 
 if __name__ == "__main__":
