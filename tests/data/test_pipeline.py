@@ -273,3 +273,29 @@ def test_bad_arguments(tokenizer, kwargs, message):
     args = dict(tokenizer=tokenizer, image_size=SIZE, context_length=LENGTH, batch_size=2, seed=0) | kwargs
     with pytest.raises(ValueError, match=message):
         train_pipeline(Arrays(4), **args)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small valid PNG whose header claims `width` x `height` (what a decompression bomb looks like to PIL)."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+def test_huge_images_are_refused_or_decoded_small():
+    """A header claiming 40k x 40k pixels is refused before any pixel is allocated (a reason, not a crash); a
+    large real JPEG decodes at a reduced size (draft) that still covers the crop."""
+    reason = decode_image({"image_bytes": _png_claiming(40_000, 40_000)})
+    assert isinstance(reason, str) and "DecompressionBomb" in reason
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (200, 10, 10)).save(buf, format="JPEG")
+    image = decode_image({"image_bytes": buf.getvalue()}, draft_size=224)
+    assert not isinstance(image, str) and image.mode == "RGB"
+    assert 224 <= min(image.size) < 3000
