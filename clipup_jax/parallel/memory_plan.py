@@ -24,11 +24,9 @@ import dataclasses
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
 from clipup_jax.config import ModelConfig, MoEPlan
@@ -103,23 +101,11 @@ def abstract_mesh(mesh_shape: dict[str, int]) -> AbstractMesh:
     return AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape), axis_types=(AxisType.Auto,) * len(mesh_shape))
 
 
-def abstract_train_state(config: ml_collections.ConfigDict) -> Any:
-    """The trainer's train state (model params, optimizer state, step, RNG counters) as ShapeDtypeStructs."""
-    from clipup_jax.train.optimizer import make_optimizer  # deferred: train imports parallel
-    from clipup_jax.train.step import init_state
-    from clipup_jax.train.trainer import _fresh_model, model_config
-
-    cfg = model_config(config)
-    _, params, _ = nnx.split(nnx.eval_shape(lambda: _fresh_model(config, cfg)), nnx.Param, ...)
-    tx, _ = make_optimizer(config.optim, params, config.total_steps)
-    return jax.eval_shape(lambda: init_state(_fresh_model(config, cfg), tx)[1])
-
-
-def state_shardings(config: ml_collections.ConfigDict, state: Any, mesh_shape: dict[str, int]) -> Any:
+def abstract_state_shardings(config: ml_collections.ConfigDict, state: Any, mesh_shape: dict[str, int]) -> Any:
     """The trainer's shardings of `state` over an abstract mesh of `mesh_shape`."""
-    from clipup_jax.train.trainer import _state_shardings, model_config
+    from clipup_jax.train.trainer import model_config, state_shardings  # deferred: train imports parallel
 
-    return _state_shardings(state, abstract_mesh(mesh_shape), model_config(config))
+    return state_shardings(state, abstract_mesh(mesh_shape), model_config(config))
 
 
 def _batch_bytes(cfg: ModelConfig, local_batch: int) -> int:
@@ -216,8 +202,10 @@ def plan_memory(config: ml_collections.ConfigDict, num_devices: int, device_memo
         raise ValueError(f"platform={platform!r}: expected one of {', '.join(PLATFORMS)}")
     mesh_shape = mesh_shape_for(config, num_devices)
     cfg = model_config(config)
-    state = abstract_train_state(config)
-    layout = state_layout(state, state_shardings(config, state, mesh_shape))
+    from clipup_jax.train.trainer import abstract_train_state  # deferred: train imports parallel
+
+    state = abstract_train_state(config)[3]
+    layout = state_layout(state, abstract_state_shardings(config, state, mesh_shape))
     local = config.batch_size // data_parallel_size(mesh_shape)
     parts = activation_estimate(cfg, config, local, platform)
     gathered = gathered_weights(layout, config, platform)

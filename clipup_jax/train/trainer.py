@@ -93,7 +93,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_dict(config.model.to_dict())
 
 
-def _state_shardings(state: TrainState, mesh, cfg: ModelConfig) -> TrainState:
+def state_shardings(state: TrainState, mesh, cfg: ModelConfig) -> TrainState:
     """Params by the logical-axis rules; optimizer moments like their parameter; everything else replicated."""
     by_name = param_shardings(cfg, mesh)
     shapes = {name: tuple(leaf.shape) for name, leaf in _flat(state.params).items()}
@@ -121,14 +121,14 @@ def _dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
     return dtypes[config.compute_dtype]
 
 
-def _fresh_model(config: ml_collections.ConfigDict, cfg: ModelConfig) -> CLIP:
+def fresh_model(config: ml_collections.ConfigDict, cfg: ModelConfig) -> CLIP:
     return CLIP(cfg, nnx.Rngs(config.seed, router=config.seed + 1), _dtype(config), remat=config.remat,
                 scan=config.scan_layers)
 
 
 def _initial_model(config: ml_collections.ConfigDict, cfg: ModelConfig, upcycle: Callable | None) -> CLIP:
     """Fresh init, or the weights of `config.init.checkpoint` (upcycled when it is dense and the model sparse)."""
-    model = _fresh_model(config, cfg)
+    model = fresh_model(config, cfg)
     if not config.init.checkpoint:
         return model
     ckpt = load_checkpoint(config.init.checkpoint)
@@ -210,16 +210,22 @@ def _jit_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx, sch
                    donate_argnums=0)
 
 
+def abstract_train_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, Any, Any, TrainState]:
+    """(graphdef, optimizer, schedule, train state as ShapeDtypeStructs) of `config`, allocating nothing."""
+    cfg = model_config(config)
+    graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: fresh_model(config, cfg)), nnx.Param, ...)
+    tx, schedule = make_optimizer(config.optim, params, config.total_steps)
+    return graphdef, tx, schedule, jax.eval_shape(lambda: init_state(fresh_model(config, cfg), tx)[1])
+
+
 def lower_train_step(config: ml_collections.ConfigDict) -> jax.stages.Lowered:
     """The config's train step traced and lowered on its mesh with abstract state and batch: checks shapes,
     shardings and collectives of a full-size recipe without allocating the model."""
     cfg = model_config(config)
     mesh = _mesh(config)
     with jax.set_mesh(mesh):
-        graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: _fresh_model(config, cfg)), nnx.Param, ...)
-        tx, schedule = make_optimizer(config.optim, params, config.total_steps)
-        state = jax.eval_shape(lambda: init_state(_fresh_model(config, cfg), tx)[1])
-        shardings = _state_shardings(state, mesh, cfg)
+        graphdef, tx, schedule, state = abstract_train_state(config)
+        shardings = state_shardings(state, mesh, cfg)
         v, t = cfg.vision, cfg.text
         batch = {"pixels": jax.ShapeDtypeStruct((config.batch_size, v.image_size, v.image_size, 3), jnp.float32),
                  "tokens": jax.ShapeDtypeStruct((config.batch_size, t.context_length), jnp.int32)}
@@ -259,11 +265,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
         checkpoints = TrainCheckpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
         resuming = checkpoints.latest_step() is not None
         # On resume the weights come from the workdir: skip loading (and upcycling) the init checkpoint.
-        model = _fresh_model(config, cfg) if resuming else _initial_model(config, cfg, upcycle)
+        model = fresh_model(config, cfg) if resuming else _initial_model(config, cfg, upcycle)
         graphdef, params, _ = nnx.split(model, nnx.Param, ...)
         tx, schedule = make_optimizer(config.optim, params, config.total_steps)
         graphdef, state = init_state(model, tx)
-        shardings = _state_shardings(state, mesh, cfg)
+        shardings = state_shardings(state, mesh, cfg)
         if main_process:
             report_layout(state, shardings, workdir)  # printed, and the full table in layout.txt
         state = jax.device_put(state, shardings)

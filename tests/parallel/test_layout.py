@@ -11,10 +11,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipup_jax.config import ModelConfig, MoEPlan, TextConfig, VisionConfig
 from clipup_jax.parallel.layout import format_layout, state_layout
-from clipup_jax.parallel.memory_plan import abstract_mesh, abstract_train_state
+from clipup_jax.parallel.memory_plan import abstract_mesh
 from clipup_jax.parallel.mesh import make_mesh
 from clipup_jax.train.recipes import base_config, sparse
-from clipup_jax.train.trainer import _state_shardings, model_config
+from clipup_jax.train.trainer import abstract_train_state, model_config, state_shardings
 
 MODEL = sparse(ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, depth=4, heads=2, mlp_dim=64),
                            text=TextConfig(vocab_size=64, context_length=8, width=32, depth=2, heads=2, mlp_dim=64),
@@ -26,8 +26,8 @@ def _placed(mesh_shape: dict[str, int]):
     """The trainer's train state laid out on a real mesh (zeros, placed shard by shard), and its shardings."""
     config = base_config(MODEL)
     config.mesh = ml_collections.ConfigDict(mesh_shape)
-    state = abstract_train_state(config)
-    shardings = _state_shardings(state, make_mesh(mesh_shape), model_config(config))
+    state = abstract_train_state(config)[3]
+    shardings = state_shardings(state, make_mesh(mesh_shape), model_config(config))
     placed = jax.tree.map(lambda x, s: jax.make_array_from_callback(
         x.shape, s, lambda idx, x=x: np.zeros(x.shape, x.dtype)[idx]), state, shardings)
     return state, shardings, placed

@@ -9,11 +9,11 @@ import pytest
 
 from clipup_jax.config import ModelConfig, MoEPlan, TextConfig, VisionConfig
 from clipup_jax.models.param_tree import tree_path_name
-from clipup_jax.parallel.memory_plan import abstract_train_state
+
 from clipup_jax.parallel.mesh import make_mesh
 from clipup_jax.train.checkpointing import TrainCheckpoints, abstract_like
 from clipup_jax.train.recipes import base_config, sparse
-from clipup_jax.train.trainer import _state_shardings, model_config, train
+from clipup_jax.train.trainer import abstract_train_state, model_config, state_shardings, train
 
 # Small enough that the one compile (the train step on data=2 x expert=4) dominates; only block 1 of the image
 # tower is a MoE layer.
@@ -59,8 +59,8 @@ def saved(tmp_path_factory):
 def _restore(workdir, mesh_shape: dict[str, int], devices) -> dict[str, jax.Array]:
     config = _config(mesh_shape)
     mesh = make_mesh(mesh_shape, devices=devices)
-    state = abstract_train_state(config)
-    shardings = _state_shardings(state, mesh, model_config(config))
+    state = abstract_train_state(config)[3]
+    shardings = state_shardings(state, mesh, model_config(config))
     checkpoints = TrainCheckpoints(workdir, keep=3, every=1000)
     try:
         restored, step = checkpoints.restore(abstract_like(state, shardings), None)
