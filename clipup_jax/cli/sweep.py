@@ -15,6 +15,7 @@ import sys
 
 from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
 from clipup_jax.train.configs import ConfigFileError, load_config
+from clipup_jax.train.host_memory import cap_malloc_arenas
 
 
 def load_sweep(path: pathlib.Path) -> tuple[pathlib.Path, list[dict]]:
@@ -61,6 +62,7 @@ def _sweep(path: pathlib.Path, workdir: pathlib.Path, dry_run: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    cap_malloc_arenas()  # first: before any library starts a thread
     quiet_libraries()
     parser = Parser(prog="clipup-sweep", description=__doc__)
     parser.add_argument("sweep", type=pathlib.Path)

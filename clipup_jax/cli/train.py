@@ -13,9 +13,11 @@ import sys
 
 from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
 from clipup_jax.train.configs import load_config, split_overrides
+from clipup_jax.train.host_memory import cap_malloc_arenas
 
 
 def main(argv: list[str] | None = None) -> None:
+    arenas = cap_malloc_arenas()  # first: before any library starts a thread
     quiet_libraries()
     overrides, argv = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = Parser(prog="clipup-train", description=__doc__)
@@ -24,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def body() -> None:
+        import jax
+
         from clipup_jax.parallel.distributed import initialize
         from clipup_jax.train.run import run_experiment  # deferred: jax start-up after argument errors
         from clipup_jax.train.trainer import check_config
@@ -31,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, overrides)
         initialize()  # multi-host: TPU pod / SLURM auto, or CLIPUP_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID; else no-op
         check_config(config, args.workdir)  # before run_experiment writes anything
+        if jax.process_index() == 0:
+            print(arenas, flush=True)
         run_experiment(config, args.workdir)
 
     run_cli("clipup-train", body)
