@@ -30,6 +30,7 @@ class MetricsLog:
             (workdir / "tb").mkdir(parents=True, exist_ok=True)
             self._tb = EventFileWriter(str(workdir / "tb"))
             self._jsonl = open(workdir / "metrics.jsonl", "a")
+            self._run_start = self._jsonl.tell()  # where this run's records begin (earlier runs precede it)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -56,6 +57,27 @@ class MetricsLog:
                     f"ETA {_duration(rates['eta_s'])}") if rates else ""
             print(f"[step {step}/{self.total_steps}] {shown}{rate}", file=self.stream, flush=True)
         return rates
+
+    def this_run(self) -> dict[str, list[dict[str, float]]]:
+        """This run's records read back from the JSONL file: {"train": [...], "eval": [...]}, eval keys unprefixed.
+
+        Read from disk rather than kept in memory, so a long run's host memory does not grow with every log line.
+        Empty on processes that do not write.
+        """
+        history: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
+        if not self.enabled:
+            return history
+        if not self._jsonl.closed:
+            self._jsonl.flush()
+        with open(self._jsonl.name) as f:
+            f.seek(self._run_start)
+            for line in f:
+                record = json.loads(line)
+                if any(k.startswith("eval/") for k in record):
+                    history["eval"].append({k.removeprefix("eval/"): v for k, v in record.items()})
+                else:
+                    history["train"].append(record)
+        return history
 
     def close(self) -> None:
         if self._tb is not None:

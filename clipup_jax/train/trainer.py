@@ -26,6 +26,7 @@ from clipup_jax.parallel.layout import report_layout
 from clipup_jax.parallel.mesh import make_mesh
 from clipup_jax.parallel.sharding import batch_spec, param_shardings
 from clipup_jax.train.checkpointing import TrainCheckpoints, abstract_like
+from clipup_jax.train.host_memory import release_free_memory
 from clipup_jax.train.metrics_log import MetricsLog, scalar_metrics
 from clipup_jax.models.param_tree import tree_path_name
 from clipup_jax.train.losses import make_contrastive_loss
@@ -251,7 +252,8 @@ def _write_workdir_metadata(workdir: pathlib.Path, cfg: ModelConfig, tokenizer: 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, data: DataFactory,
           tokenizer: pathlib.Path | None = None, evaluate: EvalFn | None = None,
           upcycle: Callable | None = None) -> dict[str, Any]:
-    """Runs (or resumes) `config` in `workdir`; returns the history of logged metrics and evaluations."""
+    """Runs (or resumes) `config` in `workdir`; returns this run's logged metrics and evaluations (read back from
+    metrics.jsonl: a long run keeps none of them in memory) and the final params."""
     workdir = pathlib.Path(workdir)
     check_config(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +261,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
     mesh = _mesh(config)
     main_process = jax.process_index() == 0
     log = MetricsLog(workdir, config.total_steps, enabled=main_process)
-    history: dict[str, Any] = {"train": [], "eval": []}
 
     with jax.set_mesh(mesh):
         checkpoints = TrainCheckpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
@@ -323,23 +324,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
                         if config.peak_tflops_per_device:
                             rates["mfu"] = rates["tflops_per_s"] / (config.peak_tflops_per_device * jax.device_count())
                     log.write(step, {**scalars, **rates})
-                    history["train"].append({"step": step, **scalars, **rates})
                 if eval_now:
                     results = evaluate(nnx.merge(graphdef, state.params, state.rest), step)
                     log.write(step, {f"eval/{k}": v for k, v in results.items()})
-                    history["eval"].append({"step": step, **results})
                     if main_process:
                         shown = {k: v for k, v in results.items() if not k.startswith("eval_")}
                         print(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()), flush=True)
                 saved = checkpoints.save(step, state, data_iter, force=last or stopping)
+                if saved or eval_now:
+                    release_free_memory()  # what the save's and eval's host buffers left behind
                 if stopping:
                     checkpoints.wait()  # the VM may be gone in seconds: make the save durable before saying so
                     print(f"SIGTERM: {'saved' if saved else 'could not save'} step {step}, stopping", flush=True)
                     break
         finally:
-            signal.signal(signal.SIGTERM, previous)
-            checkpoints.close()
+            checkpoints.close()  # waits for the last save: a SIGTERM meanwhile must not kill it half-written
             log.close()
+            signal.signal(signal.SIGTERM, previous)
+    history: dict[str, Any] = log.this_run()
     if main_process:
         (workdir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     history["final_params"] = state.params
