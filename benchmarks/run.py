@@ -38,8 +38,8 @@ RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 # Run by default, in this order (cheap first). Modules that do not exist yet are left out.
 DEFAULT = ("tokenizer", "synthetic_data", "data_pipeline", "moe_layer", "train_step", "peer", "scaling",
            "contrastive_loss", "compile_time", "upcycle")
-# Only with --only: soak runs ~20 min; accelerator is for GPU/TPU hosts (on CPU it runs its smoke mode).
-OPT_IN = ("soak", "accelerator")
+# Only with --only: soak runs ~20 min, host_memory ~15; accelerator is for GPU/TPU hosts (on CPU: smoke mode).
+OPT_IN = ("soak", "host_memory", "accelerator")
 SUMMARY = "Summary: goals of issue 7"
 RESULT_PREFIX = "@@section-json@@ "
 

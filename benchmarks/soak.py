@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import os
 import pathlib
+import platform
 import random
 import shutil
 import signal
@@ -49,7 +50,7 @@ RSS_FLAT_MIB_PER_1K_STEPS = 5.0
 @dataclasses.dataclass
 class Launch:
     cycle: int
-    signal: str  # "KILL", "TERM" or "none" (ran to the end)
+    signal: str  # "KILL", "TERM", "late" (after the last save, while exiting) or "none" (ran to the end)
     resumed_from: int | None
     last_step: int = 0
     seconds: float = 0.0
@@ -170,9 +171,22 @@ def _run(workdir: pathlib.Path, steps: int, log: pathlib.Path, kill_after: float
         launch.signal = "TERM"
     elif launch.returncode == 0 and launch.last_step == steps:
         launch.signal = "none"  # finished before any signal came
+    elif launch.returncode == -sig and launch.last_step == steps and kill_after is not None:
+        launch.signal = "late"  # came after the run's last save was durable, while the process was exiting
     else:
         raise RuntimeError(f"launch ended with {launch.returncode} after sending {sig.name if kill_after else 'nothing'}"
                            f":\n{child.tail()}")
+
+
+def _allocator() -> str:
+    """What the children's malloc does (clipup-train caps glibc's arenas unless the environment chooses)."""
+    if platform.libc_ver()[0] != "glibc":
+        return f"{platform.libc_ver()[0] or 'not glibc'}, left alone"
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return f"glibc, MALLOC_ARENA_MAX={os.environ['MALLOC_ARENA_MAX']} from the environment"
+    from clipup_jax.train.host_memory import DEFAULT_ARENAS
+
+    return f"glibc arenas capped at {DEFAULT_ARENAS} by clipup-train"
 
 
 def _equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
@@ -316,7 +330,8 @@ def section(quick: bool = False, minutes: float | None = None, steps: int | None
             f"per child). Config: experiments/clipup_demo.py shrunk to width 32, one MoE block (4 experts, top-2) "
             f"per tower, batch 16; `log_every=1`, eval every 25 steps, checkpoint every 10 (keep 2). Children are "
             f"SIGKILLed (every third SIGTERMed) 0.2-30 s after their first step (at most ~80 % of the time the "
-            f"run has left); compiled programs come from JAX's persistent cache after the first launch.\n\n{result.cycle_table()}\n\n{result.summary()}\n")
+            f"run has left); compiled programs come from JAX's persistent cache after the first launch. Host "
+            f"allocator: {_allocator()}.\n\n{result.cycle_table()}\n\n{result.summary()}\n")
     ref = result.reference.slope()
     goals = [Goal("soak: every kill survived, every cycle ends bitwise equal to an uninterrupted run",
                   f"{result.kills} kills, {sum(result.equal)}/{len(result.equal)} cycles equal",
