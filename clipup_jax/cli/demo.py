@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
-from clipup_jax.train.host_memory import cap_malloc_arenas
 
 ARMS = ("dense", "clip-up")
 METRICS = ("text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1",
@@ -146,7 +145,6 @@ def _demo(workdir: pathlib.Path, force: bool, pretrain_steps: int, arm_steps: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    cap_malloc_arenas()  # first: before any library starts a thread
     quiet_libraries()
     parser = Parser(prog="clipup-demo", description=__doc__)
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("out/demo"))

@@ -4,19 +4,31 @@ glibc gives a thread that finds the heap busy an arena of its own, up to 8 per c
 Orbax's and grain's threads then spread short-lived buffers over all of them, and fragmented arenas are seldom
 returned to the OS: the soak's training process (benchmarks/soak.py, checkpoint every 10 steps, eval every 25)
 grew ~7 MiB per 1,000 steps with glibc's default and ~1 with 2 arenas. The cap binds only arenas created after
-it, so the training entry points set it first thing, while the process has one thread. An explicit
-`MALLOC_ARENA_MAX`, or tcmalloc / jemalloc preloaded, is the user's choice and is left alone.
+it, so the long-running entry points (clipup-train, clipup-sweep) set it first thing, while the process has one
+thread. The price is malloc contention between threads: on CPU a tiny model's step rate drops ~15-20 %
+(benchmarks/host_memory.py); set `MALLOC_ARENA_MAX` to choose otherwise. An explicit `MALLOC_ARENA_MAX`, or
+tcmalloc / jemalloc preloaded, is the user's choice and is left alone.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import threading
 
 DEFAULT_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (musl and macOS have neither arenas to cap nor malloc_trim)."""
+    try:
+        libc = ctypes.CDLL(None)  # symbols already loaded: no library search, no subprocess
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def cap_malloc_arenas(arenas: int = DEFAULT_ARENAS) -> str:
@@ -26,27 +38,14 @@ def cap_malloc_arenas(arenas: int = DEFAULT_ARENAS) -> str:
     preloaded = os.environ.get("LD_PRELOAD", "")
     if "tcmalloc" in preloaded or "jemalloc" in preloaded:
         return "malloc arenas: left to the preloaded allocator"
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): no arenas to cap
-        mallopt = None
-    if mallopt is None:
+    libc = _glibc()
+    if libc is None:
         return "malloc arenas: not glibc, left alone"
     if threading.active_count() > 1:  # arenas may exist already; the cap would be partial, and misleading
         return f"malloc arenas: not capped ({threading.active_count()} threads already running)"
-    if mallopt(_M_ARENA_MAX, arenas) != 1:
+    if libc.mallopt(_M_ARENA_MAX, arenas) != 1:
         return "malloc arenas: mallopt refused the cap"
     return f"malloc arenas: capped at {arenas} (set MALLOC_ARENA_MAX to choose)"
-
-
-def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
 
 
 def release_free_memory() -> None:
