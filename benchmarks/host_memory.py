@@ -46,17 +46,10 @@ class Arm:
 def _launch(root: pathlib.Path, name: str, arenas: int, steps: int, changes: list[str]) -> soak.Launch:
     """One uninterrupted clipup-train child with MALLOC_ARENA_MAX=arenas."""
     launch = soak.Launch(cycle=0, signal="none", resumed_from=None)
-    previous_overrides, previous_env = list(soak.OVERRIDES), os.environ.get("MALLOC_ARENA_MAX")
-    soak.OVERRIDES[:] = _overrides(changes)
-    os.environ["MALLOC_ARENA_MAX"] = str(arenas)
     try:
-        soak._run(root / name, steps, root / "children.log", None, signal.SIGKILL, launch)
+        soak._run(root / name, steps, root / "children.log", None, signal.SIGKILL, launch,
+                  overrides=_overrides(changes), env={"MALLOC_ARENA_MAX": str(arenas)})
     finally:
-        soak.OVERRIDES[:] = previous_overrides
-        if previous_env is None:
-            os.environ.pop("MALLOC_ARENA_MAX")
-        else:
-            os.environ["MALLOC_ARENA_MAX"] = previous_env
         shutil.rmtree(root / name, ignore_errors=True)
     return launch
 

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import warnings
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -94,12 +95,14 @@ def _rss_mib(pid: int) -> float | None:
 class Child:
     """One `clipup-train` subprocess; a thread follows its output for the current step."""
 
-    def __init__(self, workdir: pathlib.Path, steps: int, log: pathlib.Path, cache: pathlib.Path):
+    def __init__(self, workdir: pathlib.Path, steps: int, log: pathlib.Path, cache: pathlib.Path,
+                 overrides: Sequence[str] = OVERRIDES, env: Mapping[str, str] | None = None):
         # A relaunch reuses the compiled step from JAX's persistent cache, as a production restart would.
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
                "PYTHONUNBUFFERED": "1", "JAX_COMPILATION_CACHE_DIR": str(cache),
-               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-        cmd = [sys.executable, "-m", "clipup_jax.cli.train", "--config", str(CONFIG), *OVERRIDES,
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+               **(env or {})}
+        cmd = [sys.executable, "-m", "clipup_jax.cli.train", "--config", str(CONFIG), *overrides,
                f"--config.total_steps={steps}", "--workdir", str(workdir)]
         self.log = open(log, "a")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -145,9 +148,10 @@ def _latest(workdir: pathlib.Path) -> tuple[int | None, dict[str, np.ndarray] | 
 
 
 def _run(workdir: pathlib.Path, steps: int, log: pathlib.Path, kill_after: float | None, sig: signal.Signals,
-         launch: Launch) -> None:
-    """Runs one child until it exits, or sends it `sig` `kill_after` seconds after its first step."""
-    child = Child(workdir, steps, log, log.parent / "jax_cache")
+         launch: Launch, overrides: Sequence[str] = OVERRIDES, env: Mapping[str, str] | None = None) -> None:
+    """Runs one child (`overrides` on the config, `env` added to its environment) until it exits, or sends it
+    `sig` `kill_after` seconds after its first step."""
+    child = Child(workdir, steps, log, log.parent / "jax_cache", overrides, env)
     t0, first_step_at, first_step = time.monotonic(), None, 0
     while child.proc.poll() is None:
         rss = _rss_mib(child.proc.pid)
