@@ -11,6 +11,7 @@ from flax import nnx
 from clipup_jax.models.param_tree import abstract_params, logical_axes
 from clipup_jax.config import preset
 from clipup_jax.models import CLIP
+from tests.numerics import assert_close, reduction_bound
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,9 @@ def test_text_features_ignore_tokens_after_eot(model):
 
 def test_shorter_token_rows_match_padded_ones(model):
     a = _tokens(5)
-    np.testing.assert_allclose(model.encode_text(a[:, :8]), model.encode_text(a), rtol=1e-5, atol=1e-6)
+    # Masked positions add exact zeros to the attention sums; only the kernels' blocking over the sequence (16 vs
+    # 8 positions) differs, through the text tower's ~12 chained reductions of <= its MLP width.
+    assert_close(model.encode_text(a[:, :8]), model.encode_text(a), reduction_bound(80, chain=12), "text features")
 
 
 def test_logit_scale_init_and_clamp(model):

@@ -16,8 +16,12 @@ from clipup_jax.models.param_tree import abstract_params
 from clipup_jax.models import CLIP
 from clipup_jax.models.layers import Mlp
 from clipup_jax.models.moe import MoeMlp, moe_aux
+from tests.numerics import assert_close, assert_trees_close, reduction_bound
 
 G, S, D, F, E = 3, 10, 16, 24, 4
+# One layer: reductions over F (the widest) and over the G * S tokens (expert gradients); forward, gate and
+# combine, then backward: about 6 chained.
+LAYER_BOUND = reduction_bound(G * S, chain=6)
 PATHS = [("einsum", "padded"), ("sorted", "padded"), ("sorted", "ragged_dot"), ("sorted", "pallas")]
 
 
@@ -53,9 +57,14 @@ def test_paths_equal_dense_reference_forward_and_backward(path, top_k, capacity_
     plan = dataclasses.replace(base, dispatch=path[0], grouped_matmul=path[1])
     x = _x()
     (want, want_grads), (got, got_grads) = _loss_and_grads(base, x), _loss_and_grads(plan, x)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert_close(got, want, LAYER_BOUND, "loss")
+    if top_k == 1:  # a renormalised top-1 gate is p / p = 1: the router's gradient is zero up to rounding, whose
+        # scale is that of the expert gradients it is made of
+        scale = float(np.abs(np.asarray(want_grads[0]["fc1_kernel"][...])).max())
+        for grads in (got_grads, want_grads):
+            router = grads[0].pop("router_kernel")
+            assert_close(router[...], np.zeros(router.shape), LAYER_BOUND, "router grad", scale=scale)
+    assert_trees_close(got_grads, want_grads, LAYER_BOUND, "grad")
 
 
 @pytest.mark.parametrize("path", PATHS, ids=["-".join(p) for p in PATHS])
@@ -90,16 +99,15 @@ def test_identical_experts_preserve_the_dense_mlp(path, top_k):
     for name in ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias"):
         getattr(moe, name)[...] = jnp.broadcast_to(getattr(dense, name)[...], getattr(moe, name)[...].shape)
     x = _x(5)
-    np.testing.assert_allclose(moe(x), dense(x), rtol=1e-5, atol=1e-6)
+    assert_close(moe(x), dense(x), LAYER_BOUND, "output")  # the k gates sum to 1 up to rounding
 
 
 def test_expert_choice_matches_its_dense_reference():
     plan = MoEPlan(num_experts=E, router="expert_choice", eval_capacity_factor=1.0, dispatch="dense_reference")
     want = _loss_and_grads(plan, _x())
     got = _loss_and_grads(dataclasses.replace(plan, dispatch="einsum"), _x())
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert_close(got[0], want[0], LAYER_BOUND, "loss")
+    assert_trees_close(got[1], want[1], LAYER_BOUND, "grad")
 
 
 def test_train_mode_uses_train_capacity_and_noise():
@@ -200,6 +208,8 @@ def test_remat_changes_memory_not_results():
             return jnp.sum(out.image_features * out.text_features) + moe_aux(intermediates)[0]
 
         results.append(jax.jit(jax.value_and_grad(loss))(params))
-    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # Remat recomputes the same forward ops; XLA may fuse them differently. The tiny preset's longest reduction is
+    # its patch embedding (8 * 8 * 3), chained ~2 x 12 times through both towers and back.
+    bound = reduction_bound(8 * 8 * 3, chain=24)
+    assert_close(results[1][0], results[0][0], bound, "loss")
+    assert_trees_close(results[1][1], results[0][1], bound, "grad")
