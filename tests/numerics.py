@@ -59,19 +59,22 @@ def _leaves(tree: Any) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def assert_trees_close(got: Any, want: Any, bound: float, what: str = "") -> float:
-    """`assert_close` leaf by leaf (same structure required); returns the largest measured error."""
+def _paired_leaves(got: Any, want: Any, what: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(path, got leaf, want leaf) of two trees that must have the same paths."""
     got_leaves, want_leaves = _leaves(got), _leaves(want)
     assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves], what
-    return max((assert_close(a, b, bound, f"{what}{path}") for (path, a), (_, b) in zip(got_leaves, want_leaves)),
+    return [(path, a, b) for (path, a), (_, b) in zip(got_leaves, want_leaves)]
+
+
+def assert_trees_close(got: Any, want: Any, bound: float, what: str = "") -> float:
+    """`assert_close` leaf by leaf (same structure required); returns the largest measured error."""
+    return max((assert_close(a, b, bound, f"{what}{path}") for path, a, b in _paired_leaves(got, want, what)),
                default=0.0)
 
 
 def assert_trees_equal(got: Any, want: Any, what: str = "") -> None:
     """Bitwise, for what is not rounded: integers, RNG keys and counters, the same program on the same inputs."""
-    got_leaves, want_leaves = _leaves(got), _leaves(want)
-    assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves], what
-    for (path, a), (_, b) in zip(got_leaves, want_leaves):
+    for path, a, b in _paired_leaves(got, want, what):
         np.testing.assert_array_equal(a, b, err_msg=f"{what}{path}")
 
 

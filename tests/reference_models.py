@@ -81,7 +81,3 @@ def openai_state_dict(model: CLIPModel) -> dict[str, torch.Tensor]:
 def save_hf(model: CLIPModel, directory: pathlib.Path) -> pathlib.Path:
     model.save_pretrained(directory)
     return directory
-
-
-def rel_err(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
