@@ -191,14 +191,23 @@ def test_matches_brute_force_reference(signs, seed):
     assert 0 < want["image_to_text_R@1"] < 1 and 0 < want["text_to_image_R@1"] < 1  # not a trivial problem
 
 
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def test_coco_sized_problem_is_fast():
+    """Both directions in less time than one full sort of one direction's score matrix (what a naive ranking does),
+    timed side by side: a ratio, so it holds on a loaded or slow machine."""
     rng = np.random.default_rng(0)
     images = rng.normal(size=(2000, 64)).astype(np.float32)
     owner = np.repeat(np.arange(2000), 5)
     texts = (images[owner] + 2 * rng.normal(size=(10000, 64))).astype(np.float32)
-    start = time.perf_counter()
     m = retrieval_metrics(images, texts, owner)
-    assert time.perf_counter() - start < 5.0
+    ours = min(_seconds(lambda: retrieval_metrics(images, texts, owner)) for _ in range(2))
+    sort = min(_seconds(lambda: np.argsort(-(texts @ images.T), axis=1)) for _ in range(2))
+    assert ours < sort, f"retrieval_metrics {ours:.2f} s vs one argsort {sort:.2f} s"
     assert m["image_to_text_R@1"] <= m["image_to_text_R@5"] <= m["image_to_text_R@10"]
     assert m["text_to_image_R@1"] <= m["text_to_image_R@5"] <= m["text_to_image_R@10"]
 

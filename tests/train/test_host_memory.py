@@ -43,7 +43,7 @@ with tempfile.TemporaryFile() as f:
 def _run(env_update: dict[str, str]) -> tuple[str, int]:
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "LD_PRELOAD")}
     out = subprocess.run([sys.executable, "-c", PROGRAM], env={**env, "JAX_PLATFORMS": "cpu", **env_update},
-                         capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+                         capture_output=True, text=True, timeout=600, check=True).stdout.splitlines()
     return out[0], int(out[-1].split()[1])
 
 
@@ -64,5 +64,5 @@ def test_entry_points_start_no_thread_before_the_cap():
     # started would escape the cap. (clipup-demo runs minutes: it keeps glibc's faster default.)
     code = ("import threading, clipup_jax.cli.train, clipup_jax.cli.sweep; "
             "print(threading.active_count())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     assert out.stdout.strip() == "1"
