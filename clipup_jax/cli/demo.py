@@ -2,10 +2,12 @@
 
 1. pre-train a tiny dense CLIP (the parent) on generated image-caption pairs, with a BPE tokenizer
    trained on their captions;
-2. from the parent's checkpoint, continue two arms for the same number of steps: dense, and
-   CLIP-UP (every other block upcycled into a Mixture-of-Experts: experts = copies of the MLP);
-3. evaluate the parent and both arms (retrieval R@1/5/10 both ways, zero-shot shape classification);
-4. print a table, write `results.json` and `results.png` (loss curves, per-layer expert load).
+2. from the parent's checkpoint, continue three arms, each once per seed (`--seeds`): dense for the same steps,
+   dense for the same training FLOPs, and CLIP-UP (every other block upcycled into a Mixture-of-Experts:
+   experts = copies of the MLP); a seed sets data order, router init and noise, never the data set;
+3. evaluate the parent and every run on the same held-out scenes (retrieval R@1/5/10 both ways, zero-shot);
+4. print each arm's mean +- std over seeds and the paired difference CLIP-UP - dense with its 95 % t interval,
+   write `results.json` (with one record per run) and `results.png`.
 Whichever arm wins is reported as measured.
 """
 
@@ -20,20 +22,18 @@ from typing import Any
 
 from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
 
-ARMS = ("dense", "clip-up")
-METRICS = ("text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1",
-           "image_to_text_R@5", "image_to_text_R@10", "zero_shot_top1")
-
-
+# Continued from the one parent, each once per seed; paired by seed in the comparisons.
+ARMS = ("dense", "dense-equal-flops", "clip-up")
+COMPARISONS = (("clip-up", "dense"), ("clip-up", "dense-equal-flops"))
 def _step(message: str) -> None:
     print(f"\n=== {message}", flush=True)
 
 
-def _arm_config(model, parent: pathlib.Path, tokenizer: pathlib.Path, steps: int):
+def _arm_config(model, parent: pathlib.Path, tokenizer: pathlib.Path, steps: int, seed: int):
     from clipup_jax.train.recipes import demo_config
 
     config = demo_config(model)
-    config.seed = 1  # a fresh slice of the data stream for the continuation
+    config.seed = seed  # data order, router init and noise; the data set itself is config.data.synthetic_seed
     config.init.checkpoint = str(parent)
     config.data.tokenizer = str(tokenizer)
     config.total_steps = steps
@@ -41,11 +41,11 @@ def _arm_config(model, parent: pathlib.Path, tokenizer: pathlib.Path, steps: int
     config.optim.warmup_steps = 20
     config.eval_every = steps
     config.checkpoint_every = steps
-    config.log_every = 10
+    config.log_every = 25
     return config
 
 
-def _summary(config) -> dict[str, Any]:
+def _model_summary(config) -> dict[str, Any]:
     from clipup_jax.checkpoints.summary import active_params
     from clipup_jax.models.flops import image_flops, text_flops
     from clipup_jax.models.param_tree import abstract_params, count_params
@@ -57,55 +57,121 @@ def _summary(config) -> dict[str, Any]:
             "image_mflops": image_flops(cfg) / 1e6, "text_mflops": text_flops(cfg) / 1e6}
 
 
-def _last_eval(history: dict[str, Any]) -> dict[str, float]:
-    return history["eval"][-1] if history["eval"] else {}
+def _pm(metrics: dict[str, Any], key: str) -> str:
+    m = metrics.get(key)
+    return "n/a" if m is None else f"{100 * m['mean']:.1f} +-{100 * m['std']:4.1f}"
 
 
-def _table(results: dict[str, dict[str, Any]]) -> str:
-    columns = [("T->I R@1", "text_to_image_R@1"), ("R@5", "text_to_image_R@5"), ("R@10", "text_to_image_R@10"),
-               ("I->T R@1", "image_to_text_R@1"), ("R@5", "image_to_text_R@5"), ("R@10", "image_to_text_R@10"),
+def _table(report: dict[str, Any]) -> str:
+    from clipup_jax.train.sweep_report import HEADLINE
+
+    columns = [("T->I R@1", "text_to_image_R@1"), ("I->T R@1", "image_to_text_R@1"), ("T->I R@5", "text_to_image_R@5"),
                ("0-shot", "zero_shot_top1")]
-    lines = [f"{'model':<26}" + "".join(f"{h:>9}" for h, _ in columns)
-             + f"{'params':>10}{'active':>10}{'img MFLOPs':>12}{'txt MFLOPs':>12}"]
-    for name, r in results.items():
-        cells = "".join(f"{100 * r['eval'].get(k, float('nan')):>9.1f}" for _, k in columns)
-        lines.append(f"{name:<26}{cells}{r['total_params'] / 1e6:>9.2f}M{r['active_params'] / 1e6:>9.2f}M"
-                     f"{r['image_mflops']:>12.2f}{r['text_mflops']:>12.2f}")
+    lines = [f"{'arm':<19}{'seeds':>6}{'steps':>7}" + "".join(f"{h:>14}" for h, _ in columns)
+             + f"{'params':>9}{'active':>9}{'train PFLOP':>13}"]
+    for name, arm in report["arms"].items():
+        cells = "".join(f"{_pm(arm.get('metrics', {}), k):>14}" for _, k in columns)
+        lines.append(f"{name:<19}{len(arm['seeds_finished']):>6}{arm['steps']:>7}{cells}"
+                     f"{arm['total_params'] / 1e6:>8.2f}M{arm['active_params'] / 1e6:>8.2f}M"
+                     f"{arm['train_flops'] / 1e15:>13.3f}")
+    lines.append("")
+    for name, diff in report["differences"].items():
+        cells = []
+        for key in HEADLINE:
+            d = diff["metrics"][key]
+            ci = "(one seed: no interval)" if d["n"] < 2 else f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+            cells.append(f"{'T->I' if key.startswith('text') else 'I->T'} R@1 {100 * d['mean']:+.1f} {ci}")
+        lines.append(f"{name:<29}" + "    ".join(cells))
+    lines.append(f"(points; {report['interval']})")
     return "\n".join(lines)
 
 
-def _figure(histories: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
+def _verdict(report: dict[str, Any]) -> str:
+    d = report["differences"]["clip-up - dense"]["metrics"]["text_to_image_R@1"]
+    if d["n"] >= 2 and d["low"] > 0:
+        return f"CLIP-UP ahead of dense by {100 * d['mean']:.1f} points T->I R@1: the interval excludes zero"
+    if d["n"] >= 2 and d["high"] < 0:
+        return f"dense ahead of CLIP-UP by {-100 * d['mean']:.1f} points T->I R@1: the interval excludes zero"
+    return f"CLIP-UP - dense = {100 * d['mean']:+.1f} points T->I R@1: inside seed noise (the interval holds zero)"
+
+
+def _figure(report: dict[str, Any], histories: dict[str, list[list[dict[str, Any]]]], path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, (ax_loss, ax_load) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, history in histories.items():
-        steps = [h["step"] for h in history["train"]]
-        ax_loss.plot(steps, [h["contrastive_loss"] for h in history["train"]], label=name)
-    ax_loss.set(title="contrastive loss (continued training)", xlabel="step", ylabel="loss")
-    ax_loss.legend()
-    last = histories["clip-up"]["train"][-1]
+    from clipup_jax.train.sweep_report import HEADLINE
+
+    fig, (ax_r1, ax_loss, ax_load) = plt.subplots(1, 3, figsize=(17, 4.8))
+    names = list(report["arms"])
+    for j, key in enumerate(HEADLINE):
+        x = np.arange(len(names)) + (j - 0.5) * 0.38
+        metrics = [report["arms"][n].get("metrics", {}).get(key, {"mean": np.nan, "std": 0.0}) for n in names]
+        means, stds = [100 * m["mean"] for m in metrics], [100 * m["std"] for m in metrics]
+        ax_r1.bar(x, means, 0.36, yerr=stds, capsize=3, label=key.replace("_to_", "->").replace("text", "T")
+                  .replace("image", "I").replace("->T_", "->T ").replace("->I_", "->I "))
+        for i, n in enumerate(names):
+            seeds = [100 * r[key] for r in report["runs"] if r["arm"] == n and key in r]
+            ax_r1.scatter([x[i]] * len(seeds), seeds, s=9, color="black", zorder=3)
+    ax_r1.set(title="held-out retrieval: mean +- std over seeds (dots: seeds)", ylabel="R@1 (%)",
+              xticks=range(len(names)), xticklabels=names)
+    ax_r1.legend(fontsize=8)
+    for arm, arm_histories in histories.items():
+        steps = [h["step"] for h in arm_histories[0]]
+        curves = np.array([[h["contrastive_loss"] for h in hist[:len(steps)]] for hist in arm_histories])
+        line, = ax_loss.plot(steps, curves.mean(axis=0), label=arm)
+        if len(curves) > 1:
+            ax_loss.fill_between(steps, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.2)
+    ax_loss.set(title="contrastive loss from the parent (band: seeds' range)", xlabel="step", ylabel="loss")
+    ax_loss.legend(fontsize=8)
+    last = histories["clip-up"][0][-1]
     layers = sorted({k.rsplit("/expert_load/", 1)[0] for k in last if "/expert_load/" in k})
     width = 0.8 / max(len(layers), 1)
+    num_experts = 0
     for j, layer in enumerate(layers):
         loads = [last[k] for k in sorted((k for k in last if k.startswith(layer + "/expert_load/")),
                                          key=lambda k: int(k.rsplit("/", 1)[1]))]
+        num_experts = len(loads)
         ax_load.bar([e + j * width for e in range(len(loads))], loads, width,
                     label=layer.removeprefix("moe/").replace("/encoder/blocks/", " block ").removesuffix("/mlp"))
-    ax_load.set(title="CLIP-UP expert load at the last step", xlabel="expert", ylabel="fraction of assignments",
-                        xticks=[e + width * (len(layers) - 1) / 2 for e in range(len(loads))], xticklabels=range(len(loads)))
+    ax_load.set(title="CLIP-UP expert load at the last step (first seed)", xlabel="expert",
+                ylabel="fraction of assignments", xticks=[e + width * (len(layers) - 1) / 2 for e in range(num_experts)],
+                xticklabels=range(num_experts))
     ax_load.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _demo(workdir: pathlib.Path, force: bool, pretrain_steps: int, arm_steps: int) -> None:
+def _equal_flops_steps(dense_config, sparse_config, arm_steps: int) -> int:
+    """Dense steps costing what `arm_steps` CLIP-UP steps cost (training FLOPs, models/flops.py)."""
+    from clipup_jax.models.flops import train_flops
+    from clipup_jax.train.trainer import model_config
+
+    per_step = {name: train_flops(model_config(c), c.batch_size, 1) for name, c in
+                (("dense", dense_config), ("sparse", sparse_config))}
+    return max(arm_steps, round(arm_steps * per_step["sparse"] / per_step["dense"]))
+
+
+def _use_compile_cache(workdir: pathlib.Path) -> None:
+    """The seeds of an arm run one program: compiled once, reused from the workdir's XLA cache (unless the user
+    configured a cache of their own)."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
+
+
+def _demo(workdir: pathlib.Path, force: bool, pretrain_steps: int, arm_steps: int, seeds: int, seed: int) -> None:
     t0 = time.perf_counter()
     if pretrain_steps < 1 or arm_steps < 1:
         raise ValueError(f"--pretrain-steps {pretrain_steps} / --arm-steps {arm_steps}: both must be >= 1")
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: at least 1 (3 or more for a confidence interval worth reading)")
+    if seed < 0:
+        raise ValueError(f"--seed {seed}: must be >= 0")
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir {workdir}: exists and is not a directory")
     if workdir.exists():
@@ -113,34 +179,46 @@ def _demo(workdir: pathlib.Path, force: bool, pretrain_steps: int, arm_steps: in
             raise ValueError(f"{workdir}: exists and is not empty (pass --force to start over)")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    _use_compile_cache(workdir)
     from clipup_jax.train.recipes import DEMO_MODEL, DEMO_PLAN, demo_config, sparse
     from clipup_jax.train.run import run_experiment
+    from clipup_jax.train.sweep_report import Run, build_report
 
-    _step(f"1/3 pre-train the dense parent for {pretrain_steps} steps on generated image-caption pairs")
+    _step(f"1/3 pre-train the dense parent for {pretrain_steps} steps on generated image-caption pairs (seed {seed})")
     parent_config = demo_config()
+    parent_config.seed = seed
     parent_config.total_steps = pretrain_steps
     parent_config.eval_every = pretrain_steps
     parent_config.checkpoint_every = pretrain_steps
-    parent = run_experiment(parent_config, workdir / "parent")
-    tokenizer = workdir / "parent" / "tokenizer"
+    run_experiment(parent_config, workdir / "parent")
+    parent, tokenizer = workdir / "parent", workdir / "parent" / "tokenizer"
+    runs = [Run("parent", seed, parent, parent_config)]
 
-    histories, results = {}, {"parent (dense)": {"eval": _last_eval(parent), **_summary(parent_config)}}
-    arms = {"dense": DEMO_MODEL, "clip-up": sparse(DEMO_MODEL, DEMO_PLAN)}
-    for i, (name, model) in enumerate(arms.items()):
-        _step(f"2/3 arm {i + 1} of 2: continue {name} for {arm_steps} steps from the parent")
-        config = _arm_config(model, workdir / "parent", tokenizer, arm_steps)
-        histories[name] = run_experiment(config, workdir / name)
-        results[f"{name} (+{arm_steps} steps)"] = {"eval": _last_eval(histories[name]), **_summary(config)}
+    models = {"dense": DEMO_MODEL, "dense-equal-flops": DEMO_MODEL, "clip-up": sparse(DEMO_MODEL, DEMO_PLAN)}
+    equal_flops = _equal_flops_steps(_arm_config(DEMO_MODEL, parent, tokenizer, arm_steps, seed),
+                                     _arm_config(models["clip-up"], parent, tokenizer, arm_steps, seed), arm_steps)
+    steps = {"dense": arm_steps, "dense-equal-flops": equal_flops, "clip-up": arm_steps}
+    plan = [(arm_seed, arm) for arm_seed in range(seed + 1, seed + 1 + seeds) for arm in ARMS]
+    histories: dict[str, list[list[dict[str, Any]]]] = {arm: [] for arm in ARMS}
+    configs = {"parent": parent_config}
+    arms_start = time.perf_counter()
+    for i, (arm_seed, arm) in enumerate(plan):
+        eta = "" if i == 0 else f", ETA {(time.perf_counter() - arms_start) / i * (len(plan) - i) / 60:.1f} min"
+        _step(f"2/3 run {i + 1} of {len(plan)}: continue {arm} for {steps[arm]} steps from the parent, "
+              f"seed {arm_seed}{eta}")
+        configs[arm] = config = _arm_config(models[arm], parent, tokenizer, steps[arm], arm_seed)
+        runs.append(Run(arm, arm_seed, workdir / arm / f"seed_{arm_seed}", config))
+        histories[arm].append(run_experiment(config, runs[-1].workdir)["train"])
 
-    _step("3/3 results (retrieval and zero-shot in %, on held-out generated scenes)")
-    print(_table(results))
-    serialisable = {k: {f: v for f, v in r.items()} for k, r in results.items()}
-    (workdir / "results.json").write_text(json.dumps(serialisable, indent=2) + "\n")
-    _figure(histories, workdir / "results.png")
-    dense_r1 = results[f"dense (+{arm_steps} steps)"]["eval"].get("text_to_image_R@1", 0.0)
-    sparse_r1 = results[f"clip-up (+{arm_steps} steps)"]["eval"].get("text_to_image_R@1", 0.0)
-    verdict = "CLIP-UP" if sparse_r1 > dense_r1 else "dense" if dense_r1 > sparse_r1 else "neither"
-    print(f"\ntext->image R@1: CLIP-UP {100 * sparse_r1:.1f} vs dense {100 * dense_r1:.1f} -> {verdict} wins here")
+    report = build_report(runs, COMPARISONS)
+    for arm, config in configs.items():
+        report["arms"][arm].update(_model_summary(config))
+    _step(f"3/3 results over {seeds} seed{'s' if seeds > 1 else ''} (held-out generated scenes, in %)")
+    print(_table(report))
+    results = {"seed": seed, "seeds": seeds, "pretrain_steps": pretrain_steps, "arm_steps": arm_steps, **report}
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    _figure(report, histories, workdir / "results.png")
+    print(f"\n{_verdict(report)}")
     print(f"wrote {workdir / 'results.json'} and {workdir / 'results.png'} in {time.perf_counter() - t0:.0f}s")
 
 
@@ -151,8 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="replace a non-empty --workdir")
     parser.add_argument("--pretrain-steps", type=int, default=500)
     parser.add_argument("--arm-steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, default=3, help="runs of each arm from the one parent (paired by seed)")
+    parser.add_argument("--seed", type=int, default=0, help="shifts every seed: the parent's and the arms'")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    run_cli("clipup-demo", lambda: _demo(args.workdir, args.force, args.pretrain_steps, args.arm_steps))
+    run_cli("clipup-demo", lambda: _demo(args.workdir, args.force, args.pretrain_steps, args.arm_steps, args.seeds,
+                                         args.seed))
 
 
 if __name__ == "__main__":

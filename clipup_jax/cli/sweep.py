@@ -1,24 +1,40 @@
-"""clipup-sweep: run the arms of a sweep one after another, or print their launch commands.
+"""clipup-sweep: run the arms of a sweep one after another, once per seed, or print their launch commands; report.
 
 A sweep file defines `BASE` (an experiment file, relative to the sweep file) and `get_sweep()`,
-returning `[{"name": str, "overrides": ["--config.a.b=v", ...]}, ...]`: sweeps are data.
-Each arm trains in WORKDIR/NAME (resumed if present), so a stopped sweep continues where it was.
+returning `[{"name": str, "overrides": ["--config.a.b=v", ...]}, ...]`: sweeps are data. It may name its
+`BASELINE` arm (default: the first), which the report compares every other arm with, seed by seed.
+Each (arm, seed) trains in WORKDIR/NAME/seed_S with `config.seed = S` (resumed if present, skipped if finished),
+so a stopped sweep continues where it was. With `--report`, a run that fails is recorded and the sweep goes on;
+then WORKDIR/report.md, report.json and report.png list every arm's mean and 95 % interval, its paired
+difference from the baseline, its training FLOPs and time, and every run that did not finish.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import pathlib
 import re
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
 from clipup_jax.train.configs import ConfigFileError, load_config
 from clipup_jax.train.host_memory import cap_malloc_arenas
 
+if TYPE_CHECKING:  # the report module imports jax: loaded when a sweep runs, not for --help or a bad sweep file
+    from clipup_jax.train.sweep_report import Run
 
-def load_sweep(path: pathlib.Path) -> tuple[pathlib.Path, list[dict]]:
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    base: pathlib.Path
+    arms: list[dict]
+    baseline: str
+
+
+def load_sweep(path: pathlib.Path) -> Sweep:
     if not path.is_file():
         raise ConfigFileError(f"{path}: sweep file not found")
     spec = importlib.util.spec_from_file_location(f"clipup_sweep_{path.stem}", path)
@@ -37,28 +53,65 @@ def load_sweep(path: pathlib.Path) -> tuple[pathlib.Path, list[dict]]:
     bad = [n for n in names if not re.fullmatch(r"[\w.+-]+", n)]
     if bad or len(set(names)) != len(names):
         raise ConfigFileError(f"{path}: arm names must be unique and [A-Za-z0-9_.+-]+, got {names}")
+    baseline = getattr(module, "BASELINE", names[0] if names else "")
+    if baseline not in names:
+        raise ConfigFileError(f"{path}: BASELINE {baseline!r} is not one of its arms {names}")
     base = (path.parent / module.BASE).resolve()
     for arm in arms:  # every override must apply before anything runs
         load_config(base, arm["overrides"])
-    return base, arms
+    return Sweep(base, arms, baseline)
 
 
-def _sweep(path: pathlib.Path, workdir: pathlib.Path, dry_run: bool) -> None:
+def _runs(sweep: Sweep, workdir: pathlib.Path, seeds: int) -> list[tuple[list[str], Run]]:
+    """(overrides, run) of every (arm, seed), arm by arm."""
+    from clipup_jax.train.sweep_report import Run
+
+    out = []
+    for arm in sweep.arms:
+        for seed in range(seeds):
+            overrides = [*arm["overrides"], f"--config.seed={seed}"]
+            out.append((overrides, Run(arm["name"], seed, workdir / arm["name"] / f"seed_{seed}",
+                                       load_config(sweep.base, overrides))))
+    return out
+
+
+def _sweep(path: pathlib.Path, workdir: pathlib.Path, seeds: int, dry_run: bool, report: bool) -> None:
+    from clipup_jax.train.run import run_experiment
+    from clipup_jax.train.sweep_report import build_report, read_run, write_report
     from clipup_jax.train.trainer import check_config
 
-    base, arms = load_sweep(path)
-    for arm in arms:  # every arm's config is sound before the first one trains
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: at least 1")
+    sweep = load_sweep(path)
+    runs = _runs(sweep, workdir, seeds)
+    for _, run in runs:  # every arm's config is sound before the first one trains
         try:
-            check_config(load_config(base, arm["overrides"]), workdir / arm["name"])
+            check_config(run.config, run.workdir)
         except (ValueError, FileNotFoundError) as e:
-            raise ConfigFileError(f"{path}: arm {arm['name']!r}: {e}") from e
-    for i, arm in enumerate(arms, 1):
-        command = ["clipup-train", "--config", str(base), "--workdir", str(workdir / arm["name"]), *arm["overrides"]]
-        print(f"[{i}/{len(arms)}] {arm['name']}: {shlex.join(command)}", flush=True)
-        if not dry_run:
-            from clipup_jax.train.run import run_experiment
-
-            run_experiment(load_config(base, arm["overrides"]), workdir / arm["name"])
+            raise ConfigFileError(f"{path}: arm {run.arm!r}: {e}") from e
+    if report:
+        comparisons = [(a["name"], sweep.baseline) for a in sweep.arms if a["name"] != sweep.baseline]
+        build_report([run for _, run in runs], comparisons)  # arms that cannot be compared fail before training
+    for i, (overrides, run) in enumerate(runs, 1):
+        command = ["clipup-train", "--config", str(sweep.base), "--workdir", str(run.workdir), *overrides]
+        print(f"[{i}/{len(runs)}] {run.arm} seed {run.seed}: {shlex.join(command)}", flush=True)
+        if dry_run:
+            continue
+        if read_run(run)["state"] == "finished":
+            print(f"  finished earlier: {run.workdir}", flush=True)
+            continue
+        try:
+            run_experiment(run.config, run.workdir)
+        except Exception as e:
+            if not report:
+                raise
+            print(f"  FAILED: {type(e).__name__}: {e}", flush=True)  # listed in the report as not finished
+    if report:
+        result = build_report([run for _, run in runs], comparisons)
+        command = shlex.join(["clipup-sweep", str(path), "--workdir", str(workdir), "--seeds", str(seeds), "--report"])
+        paths = write_report(result, sweep.baseline, workdir, command)
+        print((workdir / "report.md").read_text())
+        print("wrote " + ", ".join(map(str, paths)), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,9 +120,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = Parser(prog="clipup-sweep", description=__doc__)
     parser.add_argument("sweep", type=pathlib.Path)
     parser.add_argument("--workdir", type=pathlib.Path, required=True)
+    parser.add_argument("--seeds", type=int, default=1, help="runs of every arm, with config.seed = 0 .. N-1")
     parser.add_argument("--dry-run", action="store_true", help="print the clipup-train commands only")
+    parser.add_argument("--report", action="store_true",
+                        help="after the runs (finished ones are skipped; with --dry-run: none), write "
+                             "report.md/json/png to --workdir")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    run_cli("clipup-sweep", lambda: _sweep(args.sweep, args.workdir, args.dry_run))
+    run_cli("clipup-sweep", lambda: _sweep(args.sweep, args.workdir, args.seeds, args.dry_run, args.report))
 
 
 if __name__ == "__main__":

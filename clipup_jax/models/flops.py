@@ -56,3 +56,9 @@ def text_flops(cfg: ModelConfig) -> int:
 def dense_equivalent(cfg: ModelConfig) -> ModelConfig:
     """The same model with every MoE layer back to one dense MLP (what the sparse one was upcycled from)."""
     return cfg.replace(vision=dataclasses.replace(cfg.vision, moe=None), text=dataclasses.replace(cfg.text, moe=None))
+
+
+def train_flops(cfg: ModelConfig, batch_size: int, steps: int) -> int:
+    """Training FLOPs of `steps` steps at `batch_size` pairs: forward + backward = 3x the forward (Kaplan et al.'s
+    6N per token), both towers, the contrastive logits left out (B x B x embed_dim, negligible at these widths)."""
+    return 3 * (image_flops(cfg) + text_flops(cfg)) * batch_size * steps

@@ -10,7 +10,7 @@ import json
 import pathlib
 import sys
 import time
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -64,25 +64,37 @@ class MetricsLog:
         Read from disk rather than kept in memory, so a long run's host memory does not grow with every log line.
         Empty on processes that do not write.
         """
-        history: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
         if not self.enabled:
-            return history
+            return {"train": [], "eval": []}
         if not self._jsonl.closed:
             self._jsonl.flush()
         with open(self._jsonl.name) as f:
             f.seek(self._run_start)
-            for line in f:
-                record = json.loads(line)
-                if any(k.startswith("eval/") for k in record):
-                    history["eval"].append({k.removeprefix("eval/"): v for k, v in record.items()})
-                else:
-                    history["train"].append(record)
-        return history
+            return _history(f)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._jsonl.close()
+
+
+def read_history(workdir: pathlib.Path) -> dict[str, list[dict[str, float]]]:
+    """Every run's records of a workdir (resumes included), as `MetricsLog.this_run` returns one run's; a step
+    logged again after a relaunch keeps its last record."""
+    with open(workdir / "metrics.jsonl") as f:
+        history = _history(f)
+    return {kind: list({r["step"]: r for r in records}.values()) for kind, records in history.items()}
+
+
+def _history(lines: Iterable[str]) -> dict[str, list[dict[str, float]]]:
+    history: dict[str, list[dict[str, float]]] = {"train": [], "eval": []}
+    for line in lines:
+        record = json.loads(line)
+        if any(k.startswith("eval/") for k in record):
+            history["eval"].append({k.removeprefix("eval/"): v for k, v in record.items()})
+        else:
+            history["train"].append(record)
+    return history
 
 
 def _fmt(v: float) -> str:

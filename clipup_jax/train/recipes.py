@@ -33,6 +33,9 @@ def base_config(model: ModelConfig | str) -> ml_collections.ConfigDict:
         "tokenizer": "",  # bpe_simple_vocab_16e6.txt.gz or HF dir; "" = train one on the synthetic captions
         "num_workers": 0,
         "synthetic_size": 100_000,
+        # Which generated data set (train and eval splits): fixed across runs, so `seed` (data order, init, router
+        # noise) varies a run without changing the data it trains and is evaluated on.
+        "synthetic_seed": 0,
     })
     config.batch_size = 256  # global
     config.total_steps = 1000

@@ -30,7 +30,8 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> p
     directory = workdir / "tokenizer_trained"
     if jax.process_index() == 0 and not (directory / "merges.txt").exists():
         vocab = config.model.text.vocab_size
-        source = synthetic.SyntheticCaptions("train", config.data.synthetic_size, SYNTHETIC_IMAGE_SIZE, config.seed)
+        source = synthetic.SyntheticCaptions("train", config.data.synthetic_size, SYNTHETIC_IMAGE_SIZE,
+                                             config.data.synthetic_seed)
         synthetic.build_tokenizer(directory, source, num_merges=vocab - 514)  # 512 byte symbols + SOT/EOT
     if jax.process_count() > 1:  # the others read what process 0 wrote (a shared workdir)
         multihost_utils.sync_global_devices("clipup tokenizer trained")
@@ -39,7 +40,7 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> p
 
 def _source(spec: str, config: ml_collections.ConfigDict, size: int):
     return make_source(spec, synthetic_size=size, synthetic_image_size=SYNTHETIC_IMAGE_SIZE,
-                       synthetic_seed=config.seed)
+                       synthetic_seed=config.data.synthetic_seed)
 
 
 def eval_data_for(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> EvalData:

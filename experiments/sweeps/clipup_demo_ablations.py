@@ -1,6 +1,6 @@
 """CLIP-UP ablations on the embedded data: aux-loss weights, capacity factor, experts, shared backbone.
 
-    clipup-sweep experiments/sweeps/clipup_demo_ablations.py --workdir runs/ablations [--dry-run]
+    clipup-sweep experiments/sweeps/clipup_demo_ablations.py --workdir runs/ablations --seeds 3 --report [--dry-run]
 """
 
 BASE = "../clipup_demo.py"  # relative to this file

@@ -107,6 +107,8 @@ CASES = [
     ("demo-workdir-is-a-file", demo_main, ["--workdir", "{a_file}"], "not a directory"),
     ("demo-zero-steps", demo_main, ["--workdir", "{out}", "--pretrain-steps", "0"], "--pretrain-steps 0"),
     ("demo-not-a-number", demo_main, ["--workdir", "{out}", "--arm-steps", "many"], "--arm-steps"),
+    ("demo-zero-seeds", demo_main, ["--workdir", "{out}", "--seeds", "0"], "--seeds 0"),
+    ("demo-negative-seed", demo_main, ["--workdir", "{out}", "--seed", "-1"], "--seed -1"),
 ]
 
 
