@@ -13,6 +13,7 @@ Whichever arm wins is reported as measured.
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import shutil
@@ -29,10 +30,11 @@ def _step(message: str) -> None:
     print(f"\n=== {message}", flush=True)
 
 
-def _arm_config(model, parent: pathlib.Path, tokenizer: pathlib.Path, steps: int, seed: int):
+def _arm_config(model, parent: pathlib.Path, tokenizer: pathlib.Path, steps: int, seed: int, eval_size: int):
     from clipup_jax.train.recipes import demo_config
 
     config = demo_config(model)
+    config.data.eval_size = eval_size
     config.seed = seed  # data order, router init and noise; the data set itself is config.data.synthetic_seed
     config.init.checkpoint = str(parent)
     config.data.tokenizer = str(tokenizer)
@@ -68,12 +70,12 @@ def _table(report: dict[str, Any]) -> str:
     columns = [("T->I R@1", "text_to_image_R@1"), ("I->T R@1", "image_to_text_R@1"), ("T->I R@5", "text_to_image_R@5"),
                ("0-shot", "zero_shot_top1")]
     lines = [f"{'arm':<19}{'seeds':>6}{'steps':>7}" + "".join(f"{h:>14}" for h, _ in columns)
-             + f"{'params':>9}{'active':>9}{'train PFLOP':>13}"]
+             + f"{'params':>9}{'active':>9}{'train TFLOP':>13}"]
     for name, arm in report["arms"].items():
         cells = "".join(f"{_pm(arm.get('metrics', {}), k):>14}" for _, k in columns)
         lines.append(f"{name:<19}{len(arm['seeds_finished']):>6}{arm['steps']:>7}{cells}"
                      f"{arm['total_params'] / 1e6:>8.2f}M{arm['active_params'] / 1e6:>8.2f}M"
-                     f"{arm['train_flops'] / 1e15:>13.3f}")
+                     f"{arm['train_flops'] / 1e12:>13.2f}")
     lines.append("")
     for name, diff in report["differences"].items():
         cells = []
@@ -164,18 +166,22 @@ def _use_compile_cache(workdir: pathlib.Path) -> None:
         jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
 
 
-def _demo(workdir: pathlib.Path, force: bool, pretrain_steps: int, arm_steps: int, seeds: int, seed: int) -> None:
+def _demo(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
+    workdir, pretrain_steps, arm_steps, seeds, seed = args.workdir, args.pretrain_steps, args.arm_steps, args.seeds, \
+        args.seed
     if pretrain_steps < 1 or arm_steps < 1:
         raise ValueError(f"--pretrain-steps {pretrain_steps} / --arm-steps {arm_steps}: both must be >= 1")
     if seeds < 1:
         raise ValueError(f"--seeds {seeds}: at least 1 (3 or more for a confidence interval worth reading)")
     if seed < 0:
         raise ValueError(f"--seed {seed}: must be >= 0")
+    if args.eval_size < 2:
+        raise ValueError(f"--eval-size {args.eval_size}: at least 2 held-out scenes")
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir {workdir}: exists and is not a directory")
     if workdir.exists():
-        if not force and any(workdir.iterdir()):
+        if not args.force and any(workdir.iterdir()):
             raise ValueError(f"{workdir}: exists and is not empty (pass --force to start over)")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -187,6 +193,7 @@ def _demo(workdir: pathlib.Path, force: bool, pretrain_steps: int, arm_steps: in
     _step(f"1/3 pre-train the dense parent for {pretrain_steps} steps on generated image-caption pairs (seed {seed})")
     parent_config = demo_config()
     parent_config.seed = seed
+    parent_config.data.eval_size = args.eval_size
     parent_config.total_steps = pretrain_steps
     parent_config.eval_every = pretrain_steps
     parent_config.checkpoint_every = pretrain_steps
@@ -195,8 +202,8 @@ def _demo(workdir: pathlib.Path, force: bool, pretrain_steps: int, arm_steps: in
     runs = [Run("parent", seed, parent, parent_config)]
 
     models = {"dense": DEMO_MODEL, "dense-equal-flops": DEMO_MODEL, "clip-up": sparse(DEMO_MODEL, DEMO_PLAN)}
-    equal_flops = _equal_flops_steps(_arm_config(DEMO_MODEL, parent, tokenizer, arm_steps, seed),
-                                     _arm_config(models["clip-up"], parent, tokenizer, arm_steps, seed), arm_steps)
+    equal_flops = _equal_flops_steps(*(_arm_config(models[arm], parent, tokenizer, arm_steps, seed, args.eval_size)
+                                       for arm in ("dense", "clip-up")), arm_steps)
     steps = {"dense": arm_steps, "dense-equal-flops": equal_flops, "clip-up": arm_steps}
     plan = [(arm_seed, arm) for arm_seed in range(seed + 1, seed + 1 + seeds) for arm in ARMS]
     histories: dict[str, list[list[dict[str, Any]]]] = {arm: [] for arm in ARMS}
@@ -206,7 +213,7 @@ def _demo(workdir: pathlib.Path, force: bool, pretrain_steps: int, arm_steps: in
         eta = "" if i == 0 else f", ETA {(time.perf_counter() - arms_start) / i * (len(plan) - i) / 60:.1f} min"
         _step(f"2/3 run {i + 1} of {len(plan)}: continue {arm} for {steps[arm]} steps from the parent, "
               f"seed {arm_seed}{eta}")
-        configs[arm] = config = _arm_config(models[arm], parent, tokenizer, steps[arm], arm_seed)
+        configs[arm] = config = _arm_config(models[arm], parent, tokenizer, steps[arm], arm_seed, args.eval_size)
         runs.append(Run(arm, arm_seed, workdir / arm / f"seed_{arm_seed}", config))
         histories[arm].append(run_experiment(config, runs[-1].workdir)["train"])
 
@@ -215,7 +222,8 @@ def _demo(workdir: pathlib.Path, force: bool, pretrain_steps: int, arm_steps: in
         report["arms"][arm].update(_model_summary(config))
     _step(f"3/3 results over {seeds} seed{'s' if seeds > 1 else ''} (held-out generated scenes, in %)")
     print(_table(report))
-    results = {"seed": seed, "seeds": seeds, "pretrain_steps": pretrain_steps, "arm_steps": arm_steps, **report}
+    results = {"seed": seed, "seeds": seeds, "pretrain_steps": pretrain_steps, "arm_steps": arm_steps,
+               "eval_size": args.eval_size, **report}
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _figure(report, histories, workdir / "results.png")
     print(f"\n{_verdict(report)}")
@@ -223,6 +231,8 @@ def _demo(workdir: pathlib.Path, force: bool, pretrain_steps: int, arm_steps: in
 
 
 def main(argv: list[str] | None = None) -> None:
+    from clipup_jax.train.recipes import demo_config
+
     quiet_libraries()
     parser = Parser(prog="clipup-demo", description=__doc__)
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("out/demo"))
@@ -231,9 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arm-steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=3, help="runs of each arm from the one parent (paired by seed)")
     parser.add_argument("--seed", type=int, default=0, help="shifts every seed: the parent's and the arms'")
+    parser.add_argument("--eval-size", type=int, default=demo_config().data.eval_size,
+                        help="held-out scenes every run is evaluated on")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    run_cli("clipup-demo", lambda: _demo(args.workdir, args.force, args.pretrain_steps, args.arm_steps, args.seeds,
-                                         args.seed))
+    run_cli("clipup-demo", lambda: _demo(args))
 
 
 if __name__ == "__main__":

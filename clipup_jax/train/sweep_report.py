@@ -136,7 +136,7 @@ def markdown(report: dict[str, Any], baseline: str, command: str) -> str:
     lines = ["# Sweep report", "", f"`{command}`", "",
              f"Eval set: `{json.dumps(report['eval_set'])}`. Metrics in %: mean and {report['interval']}; "
              f"differences against the baseline arm `{baseline}`, paired by seed.", "",
-             "| arm | seeds | T->I R@1 | I->T R@1 | T->I R@1 vs baseline | I->T R@1 vs baseline | train PFLOP "
+             "| arm | seeds | T->I R@1 | I->T R@1 | T->I R@1 vs baseline | I->T R@1 vs baseline | train TFLOP "
              "| train time (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, row in report["arms"].items():
         metrics = row.get("metrics", {})
@@ -145,7 +145,7 @@ def markdown(report: dict[str, Any], baseline: str, command: str) -> str:
         cells += ["baseline" if arm == baseline else _pct(diffs.get(k), signed=True) for k in HEADLINE]
         time_s = f"{row['train_time_s']:.0f}" if "train_time_s" in row else "n/a"
         lines.append(f"| {arm} | {len(row['seeds_finished'])}/{len(row['seeds'])} | " + " | ".join(cells)
-                     + f" | {row['train_flops'] / 1e15:.3f} | {time_s} |")
+                     + f" | {row['train_flops'] / 1e12:.2f} | {time_s} |")
     lines += ["", "## Not finished", ""]
     lines += [f"- `{r['arm']}` seed {r['seed']}: {r['state']} (`{r['workdir']}`)" for r in report["not_finished"]]
     if not report["not_finished"]:

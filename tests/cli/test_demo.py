@@ -10,7 +10,8 @@ from tests.cli_helpers import invoke
 
 
 def test_demo_end_to_end(tmp_path, capsys):
-    argv = ["--workdir", tmp_path / "demo", "--pretrain-steps", "6", "--arm-steps", "4", "--seeds", "2", "--seed", "3"]
+    argv = ["--workdir", tmp_path / "demo", "--pretrain-steps", "6", "--arm-steps", "4", "--seeds", "2", "--seed", "3",
+            "--eval-size", "48"]
     code, out, err = invoke(demo, argv, capsys)
     assert code == 0, err
     results = json.loads((tmp_path / "demo" / "results.json").read_text())

@@ -109,6 +109,7 @@ CASES = [
     ("demo-not-a-number", demo_main, ["--workdir", "{out}", "--arm-steps", "many"], "--arm-steps"),
     ("demo-zero-seeds", demo_main, ["--workdir", "{out}", "--seeds", "0"], "--seeds 0"),
     ("demo-negative-seed", demo_main, ["--workdir", "{out}", "--seed", "-1"], "--seed -1"),
+    ("demo-tiny-eval", demo_main, ["--workdir", "{out}", "--eval-size", "1"], "--eval-size 1"),
 ]
 
 
