@@ -1,4 +1,4 @@
-"""clipup-demo: CLIP-UP end to end on the embedded synthetic data set, on CPU, in a few minutes.
+"""clipup-demo: CLIP-UP end to end on the embedded synthetic data set, on CPU (RESULTS.md: how long it takes).
 
 1. pre-train a tiny dense CLIP (the parent) on generated image-caption pairs, with a BPE tokenizer
    trained on their captions;
