@@ -77,7 +77,7 @@ def _runs(sweep: Sweep, workdir: pathlib.Path, seeds: int) -> list[tuple[list[st
 
 def _sweep(path: pathlib.Path, workdir: pathlib.Path, seeds: int, dry_run: bool, report: bool) -> None:
     from clipup_jax.train.run import run_experiment
-    from clipup_jax.train.sweep_report import build_report, read_run, write_report
+    from clipup_jax.train.sweep_report import build_report, check_comparable, read_run, write_report
     from clipup_jax.train.trainer import check_config
 
     if seeds < 1:
@@ -91,7 +91,7 @@ def _sweep(path: pathlib.Path, workdir: pathlib.Path, seeds: int, dry_run: bool,
             raise ConfigFileError(f"{path}: arm {run.arm!r}: {e}") from e
     if report:
         comparisons = [(a["name"], sweep.baseline) for a in sweep.arms if a["name"] != sweep.baseline]
-        build_report([run for _, run in runs], comparisons)  # arms that cannot be compared fail before training
+        check_comparable([run for _, run in runs], comparisons)  # before anything trains
     for i, (overrides, run) in enumerate(runs, 1):
         command = ["clipup-train", "--config", str(sweep.base), "--workdir", str(run.workdir), *overrides]
         print(f"[{i}/{len(runs)}] {run.arm} seed {run.seed}: {shlex.join(command)}", flush=True)

@@ -83,19 +83,26 @@ def _spread(values: list[float], what: str) -> dict[str, float]:
     return {**_interval(mean_interval(values, what=what)), "std": summarize(values, what).std}
 
 
-def build_report(runs: Sequence[Run], comparisons: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """Per arm the t interval of each metric's mean; per (treatment, control) the paired t interval of their
-    difference over the seeds both finished."""
+def check_comparable(runs: Sequence[Run], comparisons: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The one eval set all arms share (else a one-line error), checked from the configs alone: a sweep asks
+    before it trains."""
     arms = list(dict.fromkeys(r.arm for r in runs))
     for pair in comparisons:
         if not set(pair) <= set(arms):
             raise ValueError(f"comparison {pair[0]!r} - {pair[1]!r}: not arms of this report {arms}")
     sets = {arm: eval_set(next(r.config for r in runs if r.arm == arm)) for arm in arms}
-    if len({json.dumps(s, sort_keys=True) for s in sets.values()}) > 1:
-        first = arms[0]
-        other = next(a for a in arms if sets[a] != sets[first])
-        raise ValueError(f"report: arms are evaluated on different eval sets ({first!r}: {sets[first]}, "
+    other = next((a for a in arms if sets[a] != sets[arms[0]]), None)
+    if other is not None:
+        raise ValueError(f"report: arms are evaluated on different eval sets ({arms[0]!r}: {sets[arms[0]]}, "
                          f"{other!r}: {sets[other]}); their metrics cannot be compared")
+    return sets[arms[0]]
+
+
+def build_report(runs: Sequence[Run], comparisons: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Per arm the t interval of each metric's mean; per (treatment, control) the paired t interval of their
+    difference over the seeds both finished."""
+    arms = list(dict.fromkeys(r.arm for r in runs))
+    common_eval_set = check_comparable(runs, comparisons)
     records = [read_run(r) for r in runs]
     finished = {arm: {r["seed"]: r for r in records if r["arm"] == arm and r["state"] == "finished"} for arm in arms}
     summary = {}
@@ -117,7 +124,7 @@ def build_report(runs: Sequence[Run], comparisons: Sequence[tuple[str, str]]) ->
         differences[f"{treatment} - {control}"] = {"seeds": common, "metrics": {
             k: _interval(paired_interval([r[k] for r in a], [r[k] for r in b], what=k))
             for k in METRICS if common and all(k in r for r in a + b)}}
-    return {"interval": INTERVAL, "eval_set": sets[arms[0]], "arms": summary, "differences": differences,
+    return {"interval": INTERVAL, "eval_set": common_eval_set, "arms": summary, "differences": differences,
             "not_finished": [{k: r[k] for k in ("arm", "seed", "state", "workdir")} for r in records
                              if r["state"] != "finished"],
             "runs": records}
