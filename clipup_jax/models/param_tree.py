@@ -6,6 +6,7 @@ nothing is allocated to ask what a config's parameters look like.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
@@ -27,9 +28,11 @@ def tree_path_name(path: tuple) -> str:
     return "/".join(p for p in parts if p not in ("value", "raw_value"))
 
 
-def _abstract_params(cfg: ModelConfig) -> list[tuple[tuple, nnx.Variable]]:
+@functools.lru_cache(maxsize=16)
+def _abstract_params(cfg: ModelConfig) -> tuple[tuple[tuple, nnx.Variable], ...]:
+    """Traced once per config (a start-up asks several times); callers only read it."""
     model = nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0)))
-    return nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return tuple(nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
 
 def abstract_params(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from clipup_jax.checkpoints.format import TOKENIZER_DIR, load_checkpoint, metadata_dict, read_metadata, write_metadata
 from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR
-from clipup_jax.checkpoints.params import assign_params
+from clipup_jax.checkpoints.params import assign_params, check_params
 from clipup_jax.config import ModelConfig
 from clipup_jax.data.tokenizer import source_files
 from clipup_jax.models import CLIP
@@ -127,11 +127,12 @@ def fresh_model(config: ml_collections.ConfigDict, cfg: ModelConfig) -> CLIP:
                 scan=config.scan_layers)
 
 
-def _initial_model(config: ml_collections.ConfigDict, cfg: ModelConfig, upcycle: Callable | None) -> CLIP:
-    """Fresh init, or the weights of `config.init.checkpoint` (upcycled when it is dense and the model sparse)."""
-    model = fresh_model(config, cfg)
+def _init_params(config: ml_collections.ConfigDict, cfg: ModelConfig,
+                 upcycle: Callable | None) -> dict[str, np.ndarray] | None:
+    """The weights of `config.init.checkpoint` (upcycled when it is dense and the model sparse), checked against
+    the model; None for a fresh init."""
     if not config.init.checkpoint:
-        return model
+        return None
     ckpt = load_checkpoint(config.init.checkpoint)
     params = ckpt.params
     _check_init(config, cfg, ckpt.config)
@@ -139,8 +140,27 @@ def _initial_model(config: ml_collections.ConfigDict, cfg: ModelConfig, upcycle:
         if upcycle is None:
             raise ValueError("config.init.checkpoint is dense but the model is sparse, and no upcycler was given")
         params = upcycle(params, ckpt.config, cfg, config.seed)
-    assign_params(model, params, cfg, str(config.init.checkpoint))
-    return model
+    check_params(params, cfg, str(config.init.checkpoint))
+    return params
+
+
+def _init_train_state(config: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh, shardings: TrainState,
+                      params: dict[str, np.ndarray] | None) -> TrainState:
+    """The step-0 state made where it lives: one jit with `out_shardings`, so each device computes only its own
+    shards and no host holds the whole state. Given `params`, the random init they replace is dead code that
+    XLA drops; they enter as global arrays built shard by shard from the host copy."""
+
+    def init(params: dict[str, jax.Array] | None) -> TrainState:
+        model = fresh_model(config, cfg)
+        if params is not None:
+            assign_params(model, params, cfg, str(config.init.checkpoint))
+        return init_state(model, tx)[1]
+
+    if params is not None:
+        by_name = param_shardings(cfg, mesh)
+        params = {name: jax.make_array_from_callback(value.shape, by_name[name], lambda index, v=value: v[index])
+                  for name, value in params.items()}
+    return jax.jit(init, out_shardings=shardings)(params)
 
 
 def _check_init(config: ml_collections.ConfigDict, cfg: ModelConfig, init: ModelConfig) -> None:
@@ -265,25 +285,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
     with jax.set_mesh(mesh):
         checkpoints = TrainCheckpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
         resuming = checkpoints.latest_step() is not None
-        # On resume the weights come from the workdir: skip loading (and upcycling) the init checkpoint.
-        model = fresh_model(config, cfg) if resuming else _initial_model(config, cfg, upcycle)
-        graphdef, params, _ = nnx.split(model, nnx.Param, ...)
-        tx, schedule = make_optimizer(config.optim, params, config.total_steps)
-        graphdef, state = init_state(model, tx)
-        shardings = state_shardings(state, mesh, cfg)
+        graphdef, tx, schedule, abstract = abstract_train_state(config)
+        shardings = state_shardings(abstract, mesh, cfg)
         if main_process:
-            report_layout(state, shardings, workdir)  # printed, and the full table in layout.txt
-        state = jax.device_put(state, shardings)
+            report_layout(abstract, shardings, workdir)  # printed, and the full table in layout.txt
         data_iter = data(cfg, jax.process_index(), jax.process_count())
-        if resuming:
+        if resuming:  # straight into the shardings; the init checkpoint is not read again
             try:
-                state, _ = checkpoints.restore(abstract_like(state, shardings), data_iter)
+                state, _ = checkpoints.restore(abstract_like(abstract, shardings), data_iter)
             except ValueError as e:
                 raise ValueError(f"{workdir}: its checkpoint does not fit this config's train state (model or "
                                  f"optimizer changed since it was written?): {str(e).splitlines()[0]}") from e
             print(f"resumed from {workdir / 'checkpoints'} at step {int(state.step)}", flush=True)
-        elif main_process:
-            _write_workdir_metadata(workdir, cfg, tokenizer, config)
+        else:
+            state = _init_train_state(config, cfg, tx, mesh, shardings, _init_params(config, cfg, upcycle))
+            if main_process:
+                _write_workdir_metadata(workdir, cfg, tokenizer, config)
 
         batch_sharding = _batch_shardings(mesh)
         step_fn = _jit_step(config, graphdef, tx, schedule, shardings, mesh)
