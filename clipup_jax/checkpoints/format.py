@@ -105,8 +105,13 @@ class Checkpoint:
     @property
     def tokenizer_path(self) -> pathlib.Path | None:
         """The file or directory to hand to `Tokenizer.from_path`, or None."""
-        rel = self.metadata.get("tokenizer")
-        return None if rel is None else _inside(self.path, rel)
+        return tokenizer_path(self.path, self.metadata)
+
+
+def tokenizer_path(directory: pathlib.Path, metadata: Mapping[str, Any]) -> pathlib.Path | None:
+    """Where the checkpoint at `directory` (with its `clipup.json` `metadata`) keeps its tokenizer, or None."""
+    rel = metadata.get("tokenizer")
+    return None if rel is None else _inside(directory, rel)
 
 
 def check_output(out: pathlib.Path, force: bool) -> None:

@@ -2,10 +2,17 @@
 
 The mapping is a rule per sparse parameter key:
 
-    <tower>/encoder/blocks/<i>/mlp/router_kernel      new: normal(plan.router_init_std), keyed by the seed
+    <tower>/encoder/blocks/<i>/mlp/router_kernel      new: normal(plan.router_init_std), keyed by the seed, or
+                                                       (router_init="kmeans") the centroids of that layer's
+                                                       inputs on a calibration batch (router_init.py)
     <tower>/encoder/blocks/<i>/mlp/fc{1,2}_{kernel,bias}  in a MoE block: the dense tensor tiled on a new
                                                        leading expert axis (+ optional noise / drop-upcycling)
     anything else                                      copied unchanged
+
+Multiplet upcycling (CLIP-MoE, arXiv 2409.19291) takes the experts from several dense checkpoints of one
+architecture: expert e's MLP from checkpoint e mod n, everything else from the first or averaged over all
+(`shared_from`). Experts that differ make the start no longer function-preserving, and the Adam moments of one
+checkpoint fit none of the others, so none are carried over.
 
 Every dense key must be consumed and every sparse key produced; anything else is a
 `CheckpointError` that lists the keys, so a model change that the rules do not cover
@@ -24,7 +31,7 @@ import functools
 import pathlib
 import re
 import zlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -32,6 +39,7 @@ from clipup_jax.checkpoints.errors import CheckpointError, key_list
 from clipup_jax.checkpoints.format import (TOKENIZER_DIR, AdamMoments, LazyStack, check_output, load_checkpoint,
                                            read_metadata, save_checkpoint)
 from clipup_jax.checkpoints.params import check_params
+from clipup_jax.checkpoints.router_init import Calibration, cluster_routers
 from clipup_jax.models.layers import mlp_init_stds
 from clipup_jax.models.param_tree import abstract_params
 from clipup_jax.config import ConfigError, ModelConfig, MoEPlan
@@ -40,6 +48,8 @@ TOWERS = {"image": ("visual", "vision"), "text": ("text", "text")}  # name -> (p
 TILED = ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias")
 _MLP_KEY = re.compile(r"^(?P<block>(?P<prefix>visual|text)/encoder/blocks/\d+/mlp)/(?P<leaf>\w+)$")
 _ROUTER, _DROP_SELECT, _DROP_INIT, _NOISE = range(4)  # independent random streams
+ROUTER_INITS = ("normal", "kmeans")
+SHARED_FROM = ("first", "average")  # multiplet: where the parameters outside the experts come from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +60,16 @@ class UpcycleOptions:
     drop_upcycling: float = 0.0  # fraction of each expert's hidden units re-initialised (Drop-Upcycling)
     seed: int = 0
     optimizer_state: bool = True  # tile the dense Adam moments, when the checkpoint has them
+    router_init: str = "normal"  # or "kmeans": centroids of each layer's inputs on a calibration batch
+    shared_from: str = "first"  # multiplet upcycling: non-expert parameters from the first checkpoint or averaged
 
     def validate(self) -> None:
+        if self.router_init not in ROUTER_INITS:
+            raise ConfigError(f"router init {self.router_init!r}: expected one of {', '.join(ROUTER_INITS)}")
+        if self.shared_from not in SHARED_FROM:
+            raise ConfigError(f"shared-from {self.shared_from!r}: expected one of {', '.join(SHARED_FROM)}")
+        if self.router_init == "kmeans" and not self.plan.router_init_std > 0:
+            raise ConfigError("router_init='kmeans' scales the centroids by router_init_std: it must be > 0")
         unknown = [t for t in self.towers if t not in TOWERS]
         if unknown or not self.towers:
             raise ConfigError(f"towers {list(self.towers)}: expected a non-empty subset of {', '.join(TOWERS)}")
@@ -129,15 +147,35 @@ def key_rules(dense: ModelConfig, sparse: ModelConfig,
 
 
 def upcycle(config: ModelConfig, params: Mapping[str, np.ndarray], opts: UpcycleOptions,
-            opt_state: AdamMoments | None = None, source: str = "dense model") -> Upcycled:
-    """The sparse config, params and (when given and `opts.optimizer_state`) Adam moments; experts stay lazy."""
+            opt_state: AdamMoments | None = None, source: str = "dense model", *,
+            calibration: Calibration | None = None,
+            multiplet: Sequence[Mapping[str, np.ndarray]] = ()) -> Upcycled:
+    """The sparse config, params and (when given and `opts.optimizer_state`) Adam moments; experts stay lazy.
+
+    `calibration` feeds `opts.router_init="kmeans"`; `multiplet` are further dense checkpoints of `config`'s
+    architecture (`params` is the first): expert e's MLP comes from checkpoint e mod (1 + len(multiplet)).
+    """
     sparse = sparse_config(config, opts, source)
     check_params(params, config, source)
+    for i, other in enumerate(multiplet, 1):
+        same_architecture(params, other, f"{source}: multiplet checkpoint {i}")
     rules = key_rules(config, sparse, source)
-    experts = _Experts(sparse, opts)
-    out = {key: experts.param(key, rule, params[src] if src else None) for key, (rule, src) in rules.items()}
+    checkpoints = [params, *multiplet]
+    shared = params
+    if multiplet and opts.shared_from == "average":
+        shared = {key: np.mean([np.asarray(c[key], np.float32) for c in checkpoints], axis=0) for key in params}
+    routers = None
+    if opts.router_init == "kmeans":
+        if calibration is None:
+            raise CheckpointError(f"{source}: router init 'kmeans' needs a calibration batch")
+        tiled = {src for rule, src in rules.values() if rule == "tile"}
+        start = {key: params[key] if key in tiled else shared[key] for key in params}  # the first's MLPs
+        routers = cluster_routers(config, start, sparse, calibration, opts.seed)
+    experts = _Experts(sparse, opts, routers)
+    out = {key: experts.param(key, rule, [c[src] for c in checkpoints] if rule == "tile"
+                              else shared[src] if src else None) for key, (rule, src) in rules.items()}
     moments = None
-    if opt_state is not None and opts.optimizer_state:
+    if opt_state is not None and opts.optimizer_state and not multiplet:
         check_params(opt_state.mu, config, f"{source} (Adam mu)")
         check_params(opt_state.nu, config, f"{source} (Adam nu)")
         moments = AdamMoments(opt_state.count, *(
@@ -146,34 +184,77 @@ def upcycle(config: ModelConfig, params: Mapping[str, np.ndarray], opts: Upcycle
     return Upcycled(sparse, out, moments)
 
 
+def same_architecture(first: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], what: str) -> None:
+    """Multiplet checkpoints must hold the same keys with the same shapes; names the first that differs."""
+    for key in sorted(set(first) | set(other)):
+        if key not in other:
+            raise CheckpointError(f"{what}: lacks {key}, which the first checkpoint has")
+        if key not in first:
+            raise CheckpointError(f"{what}: has {key}, which the first checkpoint lacks")
+        if tuple(first[key].shape) != tuple(other[key].shape):
+            raise CheckpointError(f"{what}: {key} has shape {tuple(other[key].shape)}, the first checkpoint's "
+                                  f"{tuple(first[key].shape)}")
+
+
 def upcycle_checkpoint(src: str | pathlib.Path, out: str | pathlib.Path, opts: UpcycleOptions,
-                       force: bool = False) -> Upcycled:
-    """Reads the dense checkpoint `src`, writes the sparse one at `out` (streamed, atomic, tokenizer copied)."""
+                       force: bool = False, *, calibration: Calibration | None = None,
+                       multiplet: Sequence[str | pathlib.Path] = ()) -> Upcycled:
+    """Reads the dense checkpoint `src` (and the `multiplet` ones whose MLPs become further experts), writes the
+    sparse one at `out` (streamed, atomic, tokenizer copied). Every check runs before any weight is read."""
     src, out = pathlib.Path(src), pathlib.Path(out)
     check_output(out, force)
     metadata, dense_config = read_metadata(src)
     sparse_config(dense_config, opts, str(src))  # refuse bad plans before reading any weights
-    dense = load_checkpoint(src, opt_state=opts.optimizer_state)
-    up = upcycle(dense.config, dense.params, opts, dense.opt_state, str(src))
+    multiplet = [pathlib.Path(p) for p in multiplet]
+    for i, path in enumerate(multiplet, 1):
+        check_multiplet(dense_config, read_metadata(path)[1], f"{path}: multiplet checkpoint {i}")
+    dense = load_checkpoint(src, opt_state=opts.optimizer_state and not multiplet)
+    up = upcycle(dense.config, dense.params, opts, dense.opt_state, str(src), calibration=calibration,
+                 multiplet=[load_checkpoint(p, opt_state=False).params for p in multiplet])
     tokenizer_files, entry = None, None
     if dense.tokenizer_path is not None:
         tokenizer_files = sorted((src / TOKENIZER_DIR).iterdir())
         rel = pathlib.PurePosixPath(metadata["tokenizer"]).relative_to(TOKENIZER_DIR)
         entry = None if rel == pathlib.PurePosixPath(".") else str(rel)
+    upcycling = {"towers": list(opts.towers), "expert_noise": opts.expert_noise,
+                 "drop_upcycling": opts.drop_upcycling, "seed": opts.seed, "router_init": opts.router_init,
+                 "optimizer_state": up.opt_state is not None}
+    if multiplet:
+        upcycling.update(multiplet=[str(p.resolve()) for p in multiplet], shared_from=opts.shared_from)
     save_checkpoint(out, up.config, up.params, force=force, tokenizer_files=tokenizer_files, tokenizer_entry=entry,
                     opt_state=up.opt_state, source={
                         "format": "upcycled", "path": str(src.resolve()), "dense_source": metadata.get("source"),
-                        "upcycling": {"towers": list(opts.towers), "expert_noise": opts.expert_noise,
-                                      "drop_upcycling": opts.drop_upcycling, "seed": opts.seed,
-                                      "optimizer_state": up.opt_state is not None}})
+                        "upcycling": upcycling})
     return up
+
+
+def check_multiplet(first: ModelConfig, other: ModelConfig, what: str) -> None:
+    """A multiplet checkpoint has the first one's architecture: else names the first parameter key, or failing
+    that the first config field, that differs. Reads no weights."""
+    same_architecture(abstract_params(first), abstract_params(other), what)
+    field = _first_difference(first.to_dict(), other.to_dict())
+    if field is not None:
+        raise CheckpointError(f"{what}: its model config differs from the first checkpoint's at {field}")
+
+
+def _first_difference(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> str | None:
+    """The first dotted field where two config dicts differ, with both values; None when equal."""
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            inner = _first_difference(x, y, f"{prefix}{key}.")
+            if inner is not None:
+                return inner
+        elif x != y:
+            return f"{prefix}{key} ({x!r} vs {y!r})"
+    return None
 
 
 class _Experts:
     """Makes each sparse leaf from its dense source; one expert at a time for tiled leaves."""
 
-    def __init__(self, sparse: ModelConfig, opts: UpcycleOptions):
-        self.cfg, self.opts = sparse, opts
+    def __init__(self, sparse: ModelConfig, opts: UpcycleOptions, routers: Mapping[str, np.ndarray] | None):
+        self.cfg, self.opts, self.routers = sparse, opts, routers
 
     def _rng(self, stream: int, key: str, expert: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.opts.seed, stream, zlib.crc32(key.encode()), expert])
@@ -182,15 +263,21 @@ class _Experts:
         prefix = _MLP_KEY.match(key)["prefix"]
         return getattr(self.cfg, next(field for p, field in TOWERS.values() if p == prefix))
 
-    def param(self, key: str, rule: str, dense: np.ndarray | None) -> np.ndarray | LazyStack:
+    def param(self, key: str, rule: str, dense: np.ndarray | list[np.ndarray] | None) -> np.ndarray | LazyStack:
+        """`dense`: the tensor to copy, or for a tiled leaf one per source checkpoint (expert e takes e mod n)."""
         if rule == "copy":
             return dense
         tower = self._tower(key)
         plan = tower.moe
         if rule == "router":
+            if self.routers is not None:
+                return self.routers[key]
             shape = (tower.width, plan.num_experts)
             return (plan.router_init_std * self._rng(_ROUTER, key).standard_normal(shape)).astype(np.float32)
-        return LazyStack((plan.num_experts, *dense.shape), functools.partial(self._expert, key, dense))
+        return LazyStack((plan.num_experts, *dense[0].shape), functools.partial(self._expert_of, key, tuple(dense)))
+
+    def _expert_of(self, key: str, sources: tuple[np.ndarray, ...], expert: int) -> np.ndarray:
+        return self._expert(key, sources[expert % len(sources)], expert)
 
     def moment(self, key: str, rule: str, dense: np.ndarray | None) -> np.ndarray | LazyStack:
         if rule == "copy":

@@ -13,14 +13,18 @@ from clipup_jax.checkpoints import format as ckpt_format
 from clipup_jax.checkpoints.importing import SOURCES, ImportOptions, import_checkpoint
 from clipup_jax.models.param_tree import count_params
 from clipup_jax.checkpoints.summary import active_params, describe
-from clipup_jax.checkpoints.upcycle import UpcycleOptions, upcycle_checkpoint
+from clipup_jax.checkpoints.router_init import Calibration
+from clipup_jax.checkpoints.upcycle import ROUTER_INITS, SHARED_FROM, UpcycleOptions, upcycle_checkpoint
 from clipup_jax.cli.errors import Parser, run_cli
 from clipup_jax.config import ACTIVATIONS, PRESETS, ConfigError, MoEPlan
+from clipup_jax.data.pipeline import calibration_batch
+from clipup_jax.data.sources import make_source
+from clipup_jax.data.tokenizer import Tokenizer
 
 # Upcycling settings, by the name a --config file uses; each also has a flag (`_` -> `-`).
 REQUIRED = ("num_experts", "top_k", "moe_layers")
 SETTINGS = REQUIRED + ("towers", "router_init_std", "capacity_factor", "eval_capacity_factor", "expert_noise",
-                       "drop_upcycling", "seed", "optimizer_state")
+                       "drop_upcycling", "seed", "optimizer_state", "router_init", "shared_from")
 # A --config file may also set any other MoE plan field (dispatch, router, aux-loss weights, ...).
 PLAN_FIELDS = tuple(f.name for f in dataclasses.fields(MoEPlan) if f.name != "layers")
 
@@ -63,6 +67,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="seed of the router init, noise and drop-upcycling (default 0)")
     up.add_argument("--no-optimizer-state", dest="optimizer_state", action="store_false", default=None,
                     help="do not carry the dense checkpoint's Adam moments over")
+    up.add_argument("--router-init", choices=ROUTER_INITS,
+                    help="normal (default), or kmeans: each router from clusters of its layer's inputs on "
+                         "--calibration-data")
+    up.add_argument("--calibration-data", metavar="SOURCE",
+                    help="data source of the calibration batch, as config.data.train names one (e.g. tsv:FILE)")
+    up.add_argument("--calibration-size", type=int, default=64, metavar="N",
+                    help="examples in the calibration batch (default 64)")
+    up.add_argument("--multiplet", metavar="DIR,DIR,...",
+                    help="further dense checkpoints of DENSE_DIR's architecture: expert e's MLP from checkpoint "
+                         "e mod n (DENSE_DIR first); not function-preserving")
+    up.add_argument("--shared-from", choices=SHARED_FROM,
+                    help="with --multiplet: the other parameters from the first checkpoint (default) or averaged")
     up.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser
 
@@ -90,7 +106,11 @@ def _upcycle(args: argparse.Namespace) -> None:
     else:
         settings = flags
     opts = _options(settings, f"{args.config}" if args.config is not None else "flags")
-    up = upcycle_checkpoint(args.dense, args.out, opts, force=args.force)
+    multiplet = [p.strip() for p in (args.multiplet or "").split(",") if p.strip()]
+    if opts.shared_from != "first" and not multiplet:
+        raise ValueError("--shared-from applies to --multiplet checkpoints; none given")
+    up = upcycle_checkpoint(args.dense, args.out, opts, force=args.force,
+                            calibration=_calibration(args, opts), multiplet=multiplet)
     cfg = up.config
     if opts.plan.eval_capacity_factor is not None:
         print(f"note: eval capacity factor {opts.plan.eval_capacity_factor:g} can drop tokens; with "
@@ -99,6 +119,29 @@ def _upcycle(args: argparse.Namespace) -> None:
           f"{active_params(cfg, up.params) / 1e6:.2f}M active per token; {opts.plan.num_experts} experts "
           f"top-{opts.plan.top_k} in {' and '.join(opts.towers)}; Adam moments "
           f"{'tiled' if up.opt_state is not None else 'none'})")
+
+
+def _calibration(args: argparse.Namespace, opts: UpcycleOptions) -> Calibration | None:
+    """The calibration batch of --router-init kmeans: --calibration-data through the dense checkpoint's own
+    tokenizer and eval preprocessing."""
+    if opts.router_init != "kmeans":
+        if args.calibration_data is not None:
+            raise ValueError("--calibration-data is read only with --router-init kmeans")
+        return None
+    if args.calibration_data is None:
+        raise ValueError("--router-init kmeans needs --calibration-data SOURCE (image-text pairs to cluster)")
+    metadata, cfg = ckpt_format.read_metadata(args.dense)
+    tokenizer = ckpt_format.tokenizer_path(args.dense, metadata)
+    if tokenizer is None:
+        raise ValueError(f"{args.dense}: has no tokenizer to read --calibration-data with; import it with --tokenizer")
+    from clipup_jax.train.run import SYNTHETIC_IMAGE_SIZE  # deferred: the trainer is heavy to import
+
+    source = make_source(args.calibration_data, synthetic_size=args.calibration_size,
+                         synthetic_image_size=SYNTHETIC_IMAGE_SIZE)
+    pixels, tokens = calibration_batch(source, tokenizer=Tokenizer.from_path(tokenizer),
+                                       image_size=cfg.vision.image_size, context_length=cfg.text.context_length,
+                                       size=args.calibration_size)
+    return Calibration(pixels, tokens)
 
 
 def _options(settings: Mapping[str, Any], where: str) -> UpcycleOptions:
@@ -123,7 +166,8 @@ def _options(settings: Mapping[str, Any], where: str) -> UpcycleOptions:
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: moe_layers={settings['moe_layers']!r}: expected every_2, last_N or "
                               "block indices i,j,...") from None
-    extra = {k: settings[k] for k in ("expert_noise", "drop_upcycling", "seed", "optimizer_state") if k in settings}
+    extra = {k: settings[k] for k in ("expert_noise", "drop_upcycling", "seed", "optimizer_state", "router_init",
+                                      "shared_from") if k in settings}
     if "towers" in settings:
         towers = settings["towers"]
         extra["towers"] = tuple(t.strip() for t in (towers.split(",") if isinstance(towers, str) else towers))

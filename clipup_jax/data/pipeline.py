@@ -388,3 +388,24 @@ def eval_pipeline(source: Any, *, tokenizer: Tokenizer, image_size: int, context
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=collate)
     read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads + 1)
     return _prefetch(ds.to_iter_dataset(read), num_workers)
+
+
+def calibration_batch(source: Any, *, tokenizer: Tokenizer, image_size: int, context_length: int,
+                      size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels (N, H, W, 3), tokens (N, L)): the first `size` valid examples of `source` as eval sees them
+    (centre crop, first caption), for statistics of a model's activations; invalid ones are passed over."""
+    if size < 1:
+        raise ValueError(f"calibration size {size}: must be >= 1")
+    transform = EvalExample(tokenizer, image_size, context_length, max_captions=1)
+    pixels, tokens = [], []
+    for index in range(len(source)):
+        example = transform(index, source[index])
+        if example["mask"]:
+            pixels.append(example["pixels"])
+            tokens.append(example["tokens"][0])
+            if len(pixels) == size:
+                break
+    if len(pixels) < size:
+        raise ValueError(f"calibration data: {len(pixels)} valid examples of {len(source)}, fewer than the "
+                         f"{size} asked for")
+    return np.stack(pixels), np.stack(tokens)

@@ -28,6 +28,12 @@ def remat_policy(name: str) -> Callable | None:
     return REMAT_POLICIES[name]
 
 
+class MlpInput(nnx.Intermediate):
+    """A block's MLP input (its `ln_2` output), sown only inside `nnx.capture(..., MlpInput)`: what an upcycled
+    router will score, read on calibration data (checkpoints/router_init.py). `sow` matches the exact type, so
+    the train step's capture of `nnx.Intermediate` never holds these."""
+
+
 class Block(nnx.Module):
     """x + attn(ln_1(x)), then x + mlp(ln_2(x)); the MLP is a `MoeMlp` when `moe` is given."""
 
@@ -43,7 +49,10 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
         x = x + self.attn(self.ln_1(x), causal)
-        return x + self.mlp(self.ln_2(x))
+        h = self.ln_2(x)
+        if hasattr(self, "__captures__"):  # set by nnx.capture; sowing outside one is deprecated
+            self.sow(MlpInput, "mlp_input", h)
+        return x + self.mlp(h)
 
 
 class Segment(NamedTuple):

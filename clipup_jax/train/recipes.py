@@ -61,7 +61,11 @@ def base_config(model: ModelConfig | str) -> ml_collections.ConfigDict:
         "freeze": [], "lr_mults": [], "accum_steps": 1,
     })
     # When a dense init checkpoint meets a sparse model (router init std is the MoE plan's router_init_std).
-    config.upcycle = ml_collections.ConfigDict({"expert_noise": 0.0, "drop_upcycling": 0.0})
+    # router_init "kmeans": routers from clusters of the first `calibration_size` training examples;
+    # multiplet: further dense checkpoints (comma-separated) whose MLPs become experts e mod n
+    # (checkpoints/upcycle.py), the rest from the first or averaged (`shared_from`).
+    config.upcycle = ml_collections.ConfigDict({"expert_noise": 0.0, "drop_upcycling": 0.0, "router_init": "normal",
+                                                "calibration_size": 64, "multiplet": "", "shared_from": "first"})
     config.log_every = 50
     config.eval_every = 1000
     config.eval_batch_size = 256

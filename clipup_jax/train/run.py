@@ -10,11 +10,13 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from clipup_jax.checkpoints.upcycle import UpcycleOptions
+from clipup_jax.checkpoints.format import load_checkpoint, read_metadata
+from clipup_jax.checkpoints.router_init import Calibration
+from clipup_jax.checkpoints.upcycle import UpcycleOptions, check_multiplet
 from clipup_jax.checkpoints.upcycle import upcycle as upcycle_params
 from clipup_jax.config import ModelConfig
 from clipup_jax.data import synthetic
-from clipup_jax.data.pipeline import train_pipeline
+from clipup_jax.data.pipeline import calibration_batch, train_pipeline
 from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
 from clipup_jax.evaluate.run import EvalData, evaluate
@@ -75,15 +77,36 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
         evaluate_fn = lambda model, step: evaluate(model, eval_data, config.eval_batch_size)  # noqa: E731
 
     def upcycle(params: dict[str, np.ndarray], dense: ModelConfig, sparse: ModelConfig, seed: int):
-        """Experts = copies of the dense MLPs (optionally noised / drop-upcycled), fresh routers."""
+        """Experts = copies of the dense MLPs (optionally noised / drop-upcycled, or from a multiplet of
+        checkpoints), routers random or from clusters of the training data (config.upcycle)."""
         towers = tuple(name for name, field in (("image", "vision"), ("text", "text"))
                        if getattr(sparse, field).moe is not None)
         plans = {getattr(sparse, field).moe for field in ("vision", "text")} - {None}
         if len(plans) != 1:
             raise ValueError("upcycling from config.init.checkpoint needs one MoE plan shared by the sparse towers")
-        opts = UpcycleOptions(plan=plans.pop(), towers=towers, expert_noise=config.upcycle.expert_noise,
-                              drop_upcycling=config.upcycle.drop_upcycling, seed=seed)
-        up = upcycle_params(dense, params, opts, source=str(config.init.checkpoint))
+        settings = config.upcycle
+        opts = UpcycleOptions(plan=plans.pop(), towers=towers, expert_noise=settings.expert_noise,
+                              drop_upcycling=settings.drop_upcycling, seed=seed, router_init=settings.router_init,
+                              shared_from=settings.shared_from)
+        opts.validate()  # a bad name fails before any data is read
+        calibration = None
+        if opts.router_init == "kmeans":
+            calibration = Calibration(*calibration_batch(
+                train_source, tokenizer=tokenizer, image_size=dense.vision.image_size,
+                context_length=dense.text.context_length, size=settings.calibration_size))
+        multiplet = []
+        for path in (p.strip() for p in settings.multiplet.split(",") if p.strip()):
+            check_multiplet(dense, read_metadata(path)[1], f"config.upcycle.multiplet: {path}")
+            multiplet.append(load_checkpoint(path, opt_state=False).params)
+        up = upcycle_params(dense, params, opts, source=str(config.init.checkpoint), calibration=calibration,
+                            multiplet=multiplet)
+        if jax.process_index() == 0:
+            how = f"router init {opts.router_init}" + (f" on {len(calibration.pixels)} calibration examples"
+                                                       if calibration is not None else "")
+            if multiplet:
+                how += f", experts from {1 + len(multiplet)} checkpoints (the rest: {opts.shared_from})"
+            print(f"upcycled {config.init.checkpoint}: {opts.plan.num_experts} experts top-{opts.plan.top_k} in "
+                  f"{' and '.join(towers)}, {how}", flush=True)
         if up.config != sparse:
             raise ValueError(f"{config.init.checkpoint}: upcycling it gives a model config other than config.model")
         return up.host_params()

@@ -62,6 +62,19 @@ def test_import_upcycle_embed_gives_the_dense_features(setup, tmp_path, capsys):
         # Forward through 2 blocks; longest reduction the patch embedding (6 * 6 * 3 = 108 terms), ~12 chained.
         assert_close(upcycled[name], dense[name], reduction_bound(6 * 6 * 3, chain=12), name)
 
+    # Routers from clusters of a calibration batch's tokens (read with the checkpoint's tokenizer): still dense.
+    code, out, err = invoke(convert, ["upcycle", tmp_path / "dense", "--out", tmp_path / "kmeans", *FLAGS,
+                                      "--router-init", "kmeans", "--calibration-data", "synthetic:train",
+                                      "--calibration-size", 8], capsys)
+    assert code == 0, err
+    clustered = load_checkpoint(tmp_path / "kmeans")
+    assert clustered.metadata["source"]["upcycling"]["router_init"] == "kmeans"
+    router = "text/encoder/blocks/1/mlp/router_kernel"
+    assert not np.allclose(clustered.params[router], sparse.params[router])
+    features = _embed(tmp_path / "kmeans", tmp_path / "k.npz", setup, capsys)
+    for name in ("image_features", "text_features"):
+        assert_close(features[name], dense[name], reduction_bound(6 * 6 * 3, chain=12), name)
+
     code, out, err = invoke(convert, ["inspect", tmp_path / "sparse"], capsys)
     assert code == 0, err
     assert "kind         sparse" in out and "4 experts, top-2, blocks 1" in out and "dropless eval" in out
@@ -131,6 +144,13 @@ BAD = [
     ("config-no-get-config", ["{dense}", "--config", "{no_get_config.py}"], "get_config"),
     ("config-unknown-field", ["{dense}", "--config", "{unknown_field.py}"], "['experts']"),
     ("config-missing", ["{dense}", "--config", "{nope.py}"], "nope.py"),
+    ("kmeans-without-data", ["{dense}", *FLAGS, "--router-init", "kmeans"], "needs --calibration-data"),
+    ("calibration-below-experts", ["{dense}", *FLAGS, "--router-init", "kmeans", "--calibration-data",
+                                   "synthetic:train", "--calibration-size", 3], "3 examples is smaller than the 4"),
+    ("calibration-without-kmeans", ["{dense}", *FLAGS, "--calibration-data", "synthetic:train"],
+     "only with --router-init kmeans"),
+    ("multiplet-of-another-shape", ["{dense}", *FLAGS, "--multiplet", "{sparse}"], "multiplet checkpoint 1: "),
+    ("shared-from-alone", ["{dense}", *FLAGS, "--shared-from", "average"], "--shared-from applies to --multiplet"),
 ]
 
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from clipup_jax.data.bpe_trainer import train_bpe, write_hf_tokenizer
 from clipup_jax.data.image_ops import CLIP_MEAN, CLIP_STD, preprocess
-from clipup_jax.data.pipeline import (DropSkipped, Skipped, collate, decode_image, eval_num_batches, eval_pipeline,
-                                      random_resized_crop_box, train_pipeline)
+from clipup_jax.data.pipeline import (DropSkipped, Skipped, calibration_batch, collate, decode_image, eval_num_batches,
+                                      eval_pipeline, random_resized_crop_box, train_pipeline)
 from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
 
@@ -262,6 +262,16 @@ def test_eval_skips_and_counts_odd_files(tokenizer, odd_files):
                                  context_length=LENGTH, batch_size=4))
     assert sum(int(b["num_skipped"]) for b in batches) == 4
     assert sum(int(b["mask"].sum()) for b in batches) == 6
+
+
+def test_calibration_batch_is_the_first_valid_examples_as_eval_sees_them(tokenizer):
+    source = Arrays(12, invalid=frozenset({1, 4}))
+    pixels, tokens = calibration_batch(source, tokenizer=tokenizer, image_size=SIZE, context_length=LENGTH, size=5)
+    assert pixels.shape == (5, SIZE, SIZE, 3) and tokens.shape == (5, LENGTH)
+    assert [caption_of(tokenizer, t) for t in tokens] == [f"photo{i}" for i in (0, 2, 3, 5, 6)]
+    np.testing.assert_array_equal(pixels[1], preprocess(Image.fromarray(source[2]["image"]), SIZE))  # centre crop
+    with pytest.raises(ValueError, match="10 valid examples of 12, fewer than the 11 asked for"):
+        calibration_batch(source, tokenizer=tokenizer, image_size=SIZE, context_length=LENGTH, size=11)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -58,13 +58,18 @@ def test_resume_continues_exactly(tmp_path):
     assert load_checkpoint(tmp_path / "resumed").metadata["step"] == 6
 
 
-def test_sparse_from_dense_checkpoint_upcycles_and_learns(tmp_path):
+def test_sparse_from_dense_checkpoint_upcycles_and_learns(tmp_path, capsys):
     run_experiment(_config(steps=3), tmp_path / "dense")
     config = _config(sparse(TINY, MoEPlan(num_experts=4, top_k=2)), steps=4)
     config.init.checkpoint = str(tmp_path / "dense")
     config.data.tokenizer = str(tmp_path / "dense" / "tokenizer")
     config.eval_every = 4
+    # The initialisations beyond tiling, through the config (their values: tests/checkpoints/test_router_init.py).
+    config.upcycle.router_init, config.upcycle.calibration_size = "kmeans", 8
+    config.upcycle.multiplet, config.upcycle.shared_from = str(tmp_path / "dense"), "average"
     history = run_experiment(config, tmp_path / "sparse")
+    assert (f"upcycled {tmp_path / 'dense'}: 4 experts top-2 in image and text, router init kmeans on 8 "
+            "calibration examples, experts from 2 checkpoints (the rest: average)") in capsys.readouterr().out
     assert history["train"][-1]["aux_loss"] > 0
     assert any(k.endswith("/expert_load/3") for k in history["train"][-1])
     assert {"text_to_image_R@1", "image_to_text_R@10", "zero_shot_top1"} <= set(history["eval"][-1])

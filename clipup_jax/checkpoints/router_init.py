@@ -1,0 +1,119 @@
+"""Routers from clusters: each upcycled layer's router starts at the k-means centroids of the tokens that layer's
+MLP sees on a calibration batch, so tokens that look alike share experts from the first step.
+
+After Cluster-aware Upcycling (arXiv 2604.13508), which sets router rows from the centroids of the dense model's
+MLP-input activations. A router scores token x with x @ w_e; with unit-norm columns w_e the top expert is the
+centroid of largest cosine, so the clustering is spherical k-means (cosine similarity, k-means++ seeding), and the
+columns are scaled to sqrt(width) * router_init_std, the norm of a column of the random init, so the gates start
+as soft as a random router's. The experts are still copies of one MLP and the gates are renormalised over the
+chosen k, so the upcycled model computes what the dense one does whichever router it starts with.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Mapping, NamedTuple
+
+import jax
+import numpy as np
+from flax import nnx
+
+from clipup_jax.checkpoints.errors import CheckpointError
+from clipup_jax.checkpoints.params import model_from_params
+from clipup_jax.config import ModelConfig
+from clipup_jax.models.encoder import MlpInput
+from clipup_jax.models.param_tree import flat_name
+
+_TOWERS = (("visual", "vision"), ("text", "text"))  # (param prefix, config field)
+KMEANS_ITERATIONS = 50  # Lloyd iterations at most; it stops when no assignment changes
+
+
+class Calibration(NamedTuple):
+    pixels: np.ndarray  # (B, H, W, 3), normalised as the model's eval pipeline does
+    tokens: np.ndarray  # (B, L) token ids, one caption per image
+
+
+def mlp_inputs(cfg: ModelConfig, params: Mapping[str, np.ndarray], calibration: Calibration
+               ) -> dict[str, np.ndarray]:
+    """'<tower>/encoder/blocks/<i>/mlp' -> every token its MLP sees on the calibration batch, (N, width): all
+    image tokens, and text tokens up to each caption's end-of-text (padding is never routed by meaning)."""
+    graphdef, state = nnx.split(model_from_params(cfg, params, source="calibration model"))
+
+    @jax.jit
+    def run(state, pixels, tokens):
+        model = nnx.merge(graphdef, state)
+        _, image = nnx.capture(lambda m: m.encode_image(pixels), MlpInput)(model)
+        _, text = nnx.capture(lambda m: m.encode_text(tokens), MlpInput)(model)
+        return image, text
+
+    image, text = run(state, calibration.pixels, calibration.tokens)
+    length = calibration.tokens.shape[1]
+    if cfg.text.pool == "argmax":  # pooled at the end-of-text id, the largest: later positions are padding
+        keep = np.arange(length)[None, :] <= np.argmax(calibration.tokens, axis=1)[:, None]
+    else:
+        keep = np.ones(calibration.tokens.shape, bool)
+    out: dict[str, list[np.ndarray]] = {}
+    for captured, valid in ((image, None), (text, keep)):
+        for path, var in nnx.to_flat_state(captured):
+            block = flat_name(path).removesuffix("/mlp_input") + "/mlp"
+            for h in var.get_value():  # one entry per call: a shared backbone sees both modalities
+                h = np.asarray(h)
+                out.setdefault(block, []).append(h[valid] if valid is not None else h.reshape(-1, h.shape[-1]))
+    return {block: np.concatenate(parts) for block, parts in out.items()}
+
+
+def spherical_kmeans(x: np.ndarray, k: int, rng: np.random.Generator,
+                     iterations: int = KMEANS_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids (k, d) of unit norm, assignment (n,)) of the rows of `x` by cosine similarity. An emptied
+    cluster restarts at the row its centroid serves worst, so all k stay in use."""
+    n = len(x)
+    if n < k:
+        raise ValueError(f"k-means: {n} points for {k} clusters")
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    centroids = np.empty((k, x.shape[1]), x.dtype)
+    centroids[0] = x[rng.integers(n)]
+    distance = 1.0 - x @ centroids[0]
+    for j in range(1, k):  # k-means++: the next seed drawn in proportion to its distance from the chosen ones
+        weights = np.maximum(distance, 0.0)
+        pick = rng.choice(n, p=weights / weights.sum()) if weights.sum() > 0 else rng.integers(n)
+        centroids[j] = x[pick]
+        distance = np.minimum(distance, 1.0 - x @ centroids[j])
+    assignment = np.full(n, -1)
+    for _ in range(iterations):
+        scores = x @ centroids.T
+        new = np.argmax(scores, axis=1)
+        if np.array_equal(new, assignment):
+            break
+        assignment = new
+        for j in range(k):
+            members = x[assignment == j]
+            if len(members):
+                total = members.sum(axis=0)
+                centroids[j] = total / max(np.linalg.norm(total), 1e-12)
+            else:
+                centroids[j] = x[np.argmin(scores.max(axis=1))]
+    return centroids, np.argmax(x @ centroids.T, axis=1)
+
+
+def cluster_routers(dense: ModelConfig, params: Mapping[str, np.ndarray], sparse: ModelConfig,
+                    calibration: Calibration, seed: int) -> dict[str, np.ndarray]:
+    """Router kernel (width, E) of every MoE layer of `sparse`, from the dense model's MLP inputs there."""
+    examples = len(calibration.pixels)
+    if len(calibration.tokens) != examples:
+        raise CheckpointError(f"calibration batch: {examples} images but {len(calibration.tokens)} captions")
+    plans = [(prefix, getattr(sparse, field)) for prefix, field in _TOWERS if getattr(sparse, field).moe is not None]
+    for _, tower in plans:
+        if examples < tower.moe.num_experts:
+            raise CheckpointError(f"calibration batch of {examples} examples is smaller than the "
+                                  f"{tower.moe.num_experts} experts: give at least one example per expert")
+    inputs = mlp_inputs(dense, params, calibration)
+    routers = {}
+    for prefix, tower in plans:
+        plan = tower.moe
+        for i in plan.layer_indices(tower.depth):
+            block = f"{prefix}/encoder/blocks/{i}/mlp"
+            rng = np.random.default_rng([seed, zlib.crc32(block.encode())])
+            centroids, _ = spherical_kmeans(inputs[block], plan.num_experts, rng)
+            scale = plan.router_init_std * np.sqrt(tower.width)
+            routers[f"{block}/router_kernel"] = (scale * centroids.T).astype(np.float32)
+    return routers
