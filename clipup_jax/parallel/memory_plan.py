@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from clipup_jax.config import ModelConfig, MoEPlan
-from clipup_jax.models.expert_parallel import expert_layout
+from clipup_jax.models.expert_parallel import check_experts_fit
 from clipup_jax.models.flops import image_tokens
 from clipup_jax.models.routing import capacity
 from clipup_jax.parallel.layout import Layout, human_bytes, spec_axes, state_layout
@@ -82,14 +82,7 @@ def mesh_shape_for(config: ml_collections.ConfigDict, num_devices: int) -> dict[
     `config.dcn_mesh`, the batch and the MoE plans: one-line errors naming the field, before anything compiles."""
     sizes = ordered_axes(resolve_shape(dict(config.mesh), num_devices))
     split_dcn(sizes, dict(config.get("dcn_mesh") or {}))
-    cfg = ModelConfig.from_dict(config.model.to_dict())
-    for tower in ("vision", "text"):
-        plan = getattr(cfg, tower).moe
-        if plan is not None:
-            try:
-                expert_layout(plan.num_experts, sizes.get("expert", 1))
-            except ValueError as e:
-                raise ValueError(f"config.model.{tower}.moe: {e}") from None
+    check_experts_fit(ModelConfig.from_dict(config.model.to_dict()), sizes.get("expert", 1))
     dp = data_parallel_size(sizes)
     if config.batch_size % dp:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel devices "

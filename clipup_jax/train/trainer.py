@@ -22,6 +22,7 @@ from clipup_jax.checkpoints.params import assign_params, check_params
 from clipup_jax.config import ModelConfig
 from clipup_jax.data.tokenizer import source_files
 from clipup_jax.models import CLIP
+from clipup_jax.models.expert_parallel import check_experts_fit
 from clipup_jax.parallel.layout import report_layout
 from clipup_jax.parallel.mesh import make_mesh
 from clipup_jax.parallel.sharding import batch_spec, param_shardings
@@ -194,12 +195,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
     _dtype(config)
     cfg = model_config(config)
     mesh = _mesh(config)
-    experts = mesh.shape.get("expert", 1)
-    for tower in ("vision", "text"):
-        plan = getattr(cfg, tower).moe
-        if plan is not None and plan.num_experts % experts:
-            raise ValueError(f"config.model.{tower}.moe.num_experts={plan.num_experts} is not divisible by the "
-                             f"mesh's expert axis ({experts}: mesh {dict(mesh.shape)})")
+    check_experts_fit(cfg, mesh.shape.get("expert", 1))
     if config.data.tokenizer and not pathlib.Path(config.data.tokenizer).exists():
         raise FileNotFoundError(f"config.data.tokenizer={config.data.tokenizer}: no such file or directory")
     if workdir is not None:

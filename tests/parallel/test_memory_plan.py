@@ -11,7 +11,7 @@ from clipup_jax.cli.plan import main as plan_main
 from clipup_jax.config import ModelConfig, MoEPlan, TextConfig, VisionConfig
 from clipup_jax.parallel.memory_plan import plan_memory
 from clipup_jax.train.recipes import base_config, sparse
-from clipup_jax.train.trainer import lower_train_step
+from clipup_jax.train.trainer import check_config, lower_train_step
 from tests.cli_helpers import invoke
 
 # Activations dominate the step temporaries here (65 image tokens, 8 examples per device, 33 K params), so the
@@ -68,6 +68,25 @@ def test_plan_scales_with_the_mesh():
     remat.remat = "full"
     assert plan_memory(remat, 8).activation_bytes < none.activation_bytes
     assert plan_memory(remat, 8, platform="cpu").activation_bytes == none.activation_bytes  # XLA:CPU keeps it all
+
+
+@pytest.mark.parametrize("experts, expert_axis", [(4, 8), (4, 2), (3, 2), (6, 4)])
+def test_trainer_and_planner_accept_and_refuse_the_same_expert_meshes(experts, expert_axis):
+    config = base_config(sparse(MODEL, MoEPlan(num_experts=experts, top_k=2), towers=("vision",)))
+    config.batch_size = 64
+    config.mesh = ml_collections.ConfigDict({"data": 8 // expert_axis, "fsdp": 1, "expert": expert_axis})
+    verdicts = []
+    for check in (lambda: plan_memory(config, 8), lambda: check_config(config)):
+        try:
+            check()
+            verdicts.append("accepted")
+        except ValueError as e:
+            verdicts.append(str(e))
+    assert verdicts[0] == verdicts[1]
+    fits = experts % expert_axis == 0 or expert_axis % experts == 0  # E/EP per device, or EP/E copies of each
+    assert (verdicts[0] == "accepted") == fits, verdicts[0]
+    if experts < expert_axis:  # the trainer builds the replicated-experts step it accepts
+        assert "all_to_all" in lower_train_step(config).as_text()
 
 
 @pytest.mark.parametrize("overrides, devices, message", [
