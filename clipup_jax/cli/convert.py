@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import pathlib
 import sys
 from typing import Any, Mapping
@@ -20,6 +19,7 @@ from clipup_jax.config import ACTIVATIONS, PRESETS, ConfigError, MoEPlan
 from clipup_jax.data.pipeline import calibration_batch
 from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
+from clipup_jax.train.configs import run_entry
 
 # Upcycling settings, by the name a --config file uses; each also has a flag (`_` -> `-`).
 REQUIRED = ("num_experts", "top_k", "moe_layers")
@@ -189,17 +189,9 @@ def _flag(name: str) -> str:
 
 def _load_config_file(path: pathlib.Path) -> dict[str, Any]:
     """Runs exactly the file the user named and returns its get_config() as a dict."""
-    if not path.is_file() or path.suffix != ".py":
-        raise ValueError(f"{path}: --config needs an existing .py file with get_config()")
-    spec = importlib.util.spec_from_file_location(f"clipup_upcycle_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        config = module.get_config() if hasattr(module, "get_config") else None
-    except Exception as e:  # the user's code: report it on one line, like any other bad input
-        raise ValueError(f"{path}: {type(e).__name__}: {e}") from e
-    if config is None:
-        raise ValueError(f"{path}: defines no get_config() (or it returned None)")
+    if path.suffix != ".py":
+        raise ValueError(f"{path}: --config needs a .py file with get_config()")
+    _, config = run_entry(path, "upcycling config", "get_config")
     config = config.to_dict() if hasattr(config, "to_dict") else config
     if not isinstance(config, Mapping):
         raise ValueError(f"{path}: get_config() must return an ml_collections.ConfigDict, got {type(config).__name__}")

@@ -12,7 +12,6 @@ difference from the baseline, its training FLOPs and time, and every run that di
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import pathlib
 import re
 import shlex
@@ -20,7 +19,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
-from clipup_jax.train.configs import ConfigFileError, load_config
+from clipup_jax.train.configs import ConfigFileError, load_config, run_entry
 from clipup_jax.train.host_memory import cap_malloc_arenas
 
 if TYPE_CHECKING:  # the report module imports jax: loaded when a sweep runs, not for --help or a bad sweep file
@@ -35,17 +34,9 @@ class Sweep:
 
 
 def load_sweep(path: pathlib.Path) -> Sweep:
-    if not path.is_file():
-        raise ConfigFileError(f"{path}: sweep file not found")
-    spec = importlib.util.spec_from_file_location(f"clipup_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        arms = module.get_sweep() if hasattr(module, "BASE") and hasattr(module, "get_sweep") else None
-    except Exception as e:  # the user's code: one line, like any other bad input
-        raise ConfigFileError(f"{path}: failed to load ({type(e).__name__}: {e})") from e
-    if arms is None:
-        raise ConfigFileError(f"{path}: a sweep file defines BASE and get_sweep()")
+    module, arms = run_entry(path, "sweep", "get_sweep")
+    if not hasattr(module, "BASE"):
+        raise ConfigFileError(f"{path}: a sweep file defines BASE (its experiment config) and get_sweep()")
     if not isinstance(arms, list) or not all(isinstance(a, dict) and isinstance(a.get("overrides"), list)
                                              for a in arms):
         raise ConfigFileError(f"{path}: get_sweep() must return a list of {{'name': str, 'overrides': [str, ...]}}")

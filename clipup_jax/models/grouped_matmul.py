@@ -11,7 +11,7 @@ most R (rows past the sum belong to no expert and come out as zeros), `rhs` is
   interpret mode, which is for tests only.
 
 The `padded` backend of the sorted dispatch does not come through here: it keeps
-per-expert buffers `(E, C, D)` and uses a batched matmul (`experts.expert_mlp`).
+per-expert buffers `(E, C, D)` and uses a batched matmul (`dispatch.expert_mlp`).
 """
 
 from __future__ import annotations

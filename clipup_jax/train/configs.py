@@ -9,7 +9,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import pathlib
-from typing import Sequence
+import types
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -25,19 +26,27 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return [a for a in argv if a.startswith(PREFIX)], [a for a in argv if not a.startswith(PREFIX)]
 
 
-def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def run_entry(path: str | pathlib.Path, what: str, entry: str) -> tuple[types.ModuleType, Any]:
+    """Executes exactly the file the user named (an experiment, sweep or upcycling file) and calls its `entry`
+    function; (the module, what `entry()` returned). Any error in the user's code is one line naming the file."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise ConfigFileError(f"{path}: config file not found")
-    spec = importlib.util.spec_from_file_location(f"clipup_config_{path.stem}", path)
+        raise ConfigFileError(f"{path}: {what} file not found")
+    spec = importlib.util.spec_from_file_location(f"clipup_{what}_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+        if not callable(getattr(module, entry, None)):
+            raise ConfigFileError(f"{path}: defines no {entry}()")
+        return module, getattr(module, entry)()
+    except ConfigFileError:
+        raise
     except Exception as e:
         raise ConfigFileError(f"{path}: failed to load ({type(e).__name__}: {e})") from e
-    if not hasattr(module, "get_config"):
-        raise ConfigFileError(f"{path}: defines no get_config()")
-    config = module.get_config()
+
+
+def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    _, config = run_entry(path, "config", "get_config")
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigFileError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
     for override in overrides:

@@ -7,6 +7,7 @@ import dataclasses
 import ml_collections
 
 from clipup_jax.config import ModelConfig, MoEPlan, TextConfig, VisionConfig, preset
+from clipup_jax.train.optimizer import DEFAULT_NO_DECAY
 
 # CLIP-UP's most plausible plan (shared/reference/paper.md): 8 experts, top-2, every other block of both towers.
 CLIPUP_PLAN = MoEPlan(layers="every_2", num_experts=8, top_k=2, capacity_factor=2.0, eval_capacity_factor=2.0,
@@ -57,7 +58,7 @@ def base_config(model: ModelConfig | str) -> ml_collections.ConfigDict:
     config.optim = ml_collections.ConfigDict({
         "lr": 5e-4, "warmup_steps": 100, "schedule": "cosine", "end_lr_fraction": 0.0,
         "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.2, "grad_clip_norm": 1.0,
-        "no_decay_regex": r"(bias|/scale|embed|class_embedding|logit_scale|logit_bias)$",
+        "no_decay_regex": DEFAULT_NO_DECAY,
         "freeze": [], "lr_mults": [], "accum_steps": 1,
     })
     # When a dense init checkpoint meets a sparse model (router init std is the MoE plan's router_init_std).
