@@ -49,12 +49,13 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from clipup_jax.config import ModelConfig
+from clipup_jax.parallel.mesh import AXIS_ORDER
 from clipup_jax.models import dispatch
 from clipup_jax.models.dispatch import Activation, ExpertWeights
 from clipup_jax.models.routing import Routing
 
 TRANSPORTS = ("all_to_all", "allgather")
-DEFAULT_BATCH_AXES = ("data", "fsdp", "expert")
+DEFAULT_BATCH_AXES = AXIS_ORDER
 
 
 @dataclasses.dataclass(frozen=True)

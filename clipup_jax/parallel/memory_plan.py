@@ -21,7 +21,6 @@ Two parts of different certainty:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ from clipup_jax.models.flops import image_tokens
 from clipup_jax.models.routing import capacity
 from clipup_jax.parallel.layout import Layout, human_bytes, spec_axes, state_layout
 from clipup_jax.parallel.mesh import ordered_axes, resolve_shape, split_dcn
-from clipup_jax.parallel.sharding import DEFAULT_RULES
+from clipup_jax.parallel.sharding import data_parallel_size
 
 # Param-sized float32 buffers the update holds besides the gradients: the new params (checked for non-finite
 # values before they replace the old ones) and the clipped, scaled update.
@@ -69,12 +68,6 @@ class MemoryPlan:
     @property
     def total_bytes(self) -> int:
         return self.argument_bytes + self.temp_bytes
-
-
-def data_parallel_size(mesh_shape: dict[str, int]) -> int:
-    """Devices the batch is split over (the batch rule's axes present in the mesh)."""
-    axes = dict(DEFAULT_RULES)["batch"]
-    return math.prod(mesh_shape.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
 
 
 def mesh_shape_for(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:

@@ -18,11 +18,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipup_jax.config import ModelConfig
 from clipup_jax.models.param_tree import abstract_params, logical_axes
+from clipup_jax.parallel.mesh import AXIS_ORDER
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 DEFAULT_RULES: Rules = (
-    ("batch", ("data", "fsdp", "expert")),
+    ("batch", AXIS_ORDER),  # every axis is data-like outside the MoE layers
     ("expert", "expert"),
     ("embed", "fsdp"),
     ("mlp", None),
@@ -52,6 +53,12 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
             size *= n
         spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
     return P(*spec)
+
+
+def data_parallel_size(mesh_shape: Mapping[str, int], rules: Rules = DEFAULT_RULES) -> int:
+    """Devices the batch is split over (the batch rule's axes present in the mesh)."""
+    axes = dict(rules)["batch"]
+    return int(np.prod([mesh_shape.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes)]))
 
 
 def batch_spec(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> P:

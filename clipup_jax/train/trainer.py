@@ -25,7 +25,7 @@ from clipup_jax.models import CLIP
 from clipup_jax.models.expert_parallel import check_experts_fit
 from clipup_jax.parallel.layout import report_layout
 from clipup_jax.parallel.mesh import make_mesh
-from clipup_jax.parallel.sharding import batch_spec, param_shardings
+from clipup_jax.parallel.sharding import batch_spec, data_parallel_size, param_shardings
 from clipup_jax.train.checkpointing import TrainCheckpoints, abstract_like
 from clipup_jax.train.host_memory import release_free_memory
 from clipup_jax.train.metrics_log import MetricsLog, scalar_metrics
@@ -210,7 +210,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
 
 def _mesh(config: ml_collections.ConfigDict):
     mesh = make_mesh(dict(config.mesh), dcn=dict(config.get("dcn_mesh") or {}))  # dcn: multi-slice factors
-    data_axes = np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert") if a in mesh.shape])
+    data_axes = data_parallel_size(dict(mesh.shape))
     if config.batch_size % data_axes:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel devices "
                          f"({data_axes}: mesh {dict(mesh.shape)})")
