@@ -6,9 +6,9 @@
 * R@k is the fraction of queries that hit. CLIP_benchmark calls text->image "image_retrieval_recall@k" and
   image->text "text_retrieval_recall@k"; the keys here name the direction instead.
 
-Tie rule (deterministic): candidates are ordered by score, descending, and equal scores by candidate index,
-ascending -- the order of a stable sort and of ``jax.lax.top_k``. The top-k list therefore always holds exactly
-k candidates. A positive's rank is the number of valid candidates that beat it under this order.
+Ties follow ``scoring``'s rule (equal scores: lower candidate index first, as a stable sort and ``jax.lax.top_k``
+order them), so the top-k list always holds exactly k candidates; a positive's rank counts the valid candidates
+that beat it.
 
 Masks mark real rows; padding rows (multi-host padded eval batches) are dropped before anything is scored, so
 they are never queries, never candidates and never push a real candidate down. An image none of whose captions
@@ -24,8 +24,9 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-# Scores per chunk (~16 MB of float32): small enough for any host, large enough for BLAS to be efficient.
-_CHUNK_ELEMENTS = 1 << 22
+from clipup_jax.evaluate.scoring import (as_embeddings, as_mask, check_finite, check_ks, l2_normalize, row_chunks,
+                                        target_ranks)
+
 _NEVER = np.iinfo(np.int64).max
 
 
@@ -45,17 +46,17 @@ def retrieval_metrics(
     ``text_to_image[t]`` is the index of caption t's image; it is ignored for masked captions.
     ``chunk_size`` (query rows per score block) only trades memory for speed; results do not depend on it.
     """
-    images = _as_embeddings(image_emb, "image_emb")
-    texts = _as_embeddings(text_emb, "text_emb")
+    images = as_embeddings(image_emb, "image_emb")
+    texts = as_embeddings(text_emb, "text_emb")
     if images.shape[1] != texts.shape[1]:
         raise ValueError(f"embedding widths differ: images {images.shape[1]}, texts {texts.shape[1]}")
     n, m = len(images), len(texts)
     owner = np.asarray(text_to_image)
     if owner.shape != (m,) or not np.issubdtype(owner.dtype, np.integer):
         raise ValueError(f"text_to_image must be integers of shape ({m},), got {owner.dtype} {owner.shape}")
-    image_valid = _as_mask(image_mask, n, "image_mask")
-    text_valid = _as_mask(text_mask, m, "text_mask")
-    ks = _check_ks(ks)
+    image_valid = as_mask(image_mask, n, "image_mask")
+    text_valid = as_mask(text_mask, m, "text_mask")
+    ks = check_ks(ks)
 
     if not image_valid.any() or not text_valid.any():
         raise ValueError(f"nothing to evaluate: {image_valid.sum()} valid images, {text_valid.sum()} valid captions")
@@ -68,8 +69,8 @@ def retrieval_metrics(
     new_index = np.cumsum(image_valid) - 1
     owner = new_index[owner]
     images, texts = l2_normalize(images[image_valid]), l2_normalize(texts[text_valid])
-    _check_finite(images, "image_emb")
-    _check_finite(texts, "text_emb")
+    check_finite(images, "image_emb")
+    check_finite(texts, "text_emb")
 
     t2i_rank = _text_to_image_ranks(texts, images, owner, chunk_size)
     i2t_rank = _image_to_text_ranks(images, texts, owner, chunk_size)
@@ -81,25 +82,9 @@ def retrieval_metrics(
     return out
 
 
-def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Rank (0 = best) of ``scores[i, targets[i]]`` in row i under the tie rule above: lower index first."""
-    rows = np.arange(len(scores))
-    target_score = scores[rows, targets][:, None]
-    columns = np.arange(scores.shape[1])[None, :]
-    beats = (scores > target_score) | ((scores == target_score) & (columns < targets[:, None]))
-    return beats.sum(axis=1)
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation in float32; an all-zero row stays zero instead of becoming NaN."""
-    x = np.asarray(x, np.float32)
-    norm = np.sqrt(np.sum(x * x, axis=-1, keepdims=True))
-    return x / np.maximum(norm, np.float32(1e-12))
-
-
 def _text_to_image_ranks(texts: np.ndarray, images: np.ndarray, owner: np.ndarray, chunk_size: int | None):
     ranks = np.empty(len(texts), np.int64)
-    for lo, hi in _row_chunks(len(texts), len(images), chunk_size):
+    for lo, hi in row_chunks(len(texts), len(images), chunk_size):
         ranks[lo:hi] = target_ranks(texts[lo:hi] @ images.T, owner[lo:hi])
     return ranks
 
@@ -111,45 +96,9 @@ def _image_to_text_ranks(images: np.ndarray, texts: np.ndarray, owner: np.ndarra
     equals -- which is what ``argmax`` over the positives' scores returns -- so its rank is the minimum.
     """
     ranks = np.empty(len(images), np.int64)
-    for lo, hi in _row_chunks(len(images), len(texts), chunk_size):
+    for lo, hi in row_chunks(len(images), len(texts), chunk_size):
         scores = images[lo:hi] @ texts.T
         positive = owner[None, :] == np.arange(lo, hi)[:, None]
         best = np.where(positive, scores, -np.inf).argmax(axis=1)
         ranks[lo:hi] = np.where(positive.any(axis=1), target_ranks(scores, best), _NEVER)
     return ranks
-
-
-def _row_chunks(rows: int, columns: int, chunk_size: int | None):
-    size = chunk_size if chunk_size is not None else max(1, _CHUNK_ELEMENTS // max(columns, 1))
-    if size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {size}")
-    for lo in range(0, rows, size):
-        yield lo, min(lo + size, rows)
-
-
-def _as_embeddings(x: ArrayLike, name: str) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (rows, width), got shape {x.shape}")
-    return x
-
-
-def _as_mask(mask: ArrayLike | None, n: int, name: str) -> np.ndarray:
-    if mask is None:
-        return np.ones(n, bool)
-    mask = np.asarray(mask)
-    if mask.shape != (n,) or mask.dtype != bool:
-        raise ValueError(f"{name} must be bool of shape ({n},), got {mask.dtype} {mask.shape}")
-    return mask
-
-
-def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
-    ks = tuple(int(k) for k in ks)
-    if not ks or any(k < 1 for k in ks):
-        raise ValueError(f"ks must be positive integers, got {ks}")
-    return ks
-
-
-def _check_finite(x: np.ndarray, name: str) -> None:
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} has non-finite values in rows that are not masked")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-from clipup_jax.evaluate.retrieval import _as_mask, _check_finite, _check_ks, _row_chunks, l2_normalize, target_ranks
+from clipup_jax.evaluate.scoring import as_mask, check_finite, check_ks, l2_normalize, row_chunks, target_ranks
 
 
 def class_embeddings(
@@ -66,19 +66,19 @@ def zero_shot_metrics(
     n, c = images.shape[0], classes.shape[0]
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers of shape ({n},), got {labels.dtype} {labels.shape}")
-    valid = _as_mask(mask, n, "mask")
-    ks = _check_ks(ks)
+    valid = as_mask(mask, n, "mask")
+    ks = check_ks(ks)
     if c == 0 or not valid.any():
         raise ValueError(f"nothing to evaluate: {valid.sum()} valid images, {c} classes")
     labels = labels[valid]
     if np.any((labels < 0) | (labels >= c)):
         raise ValueError(f"a valid label is outside [0, {c})")
     images, classes = l2_normalize(images[valid]), l2_normalize(classes)
-    _check_finite(images, "image_emb")
-    _check_finite(classes, "class_emb")
+    check_finite(images, "image_emb")
+    check_finite(classes, "class_emb")
 
     ranks = np.empty(len(images), np.int64)
-    for lo, hi in _row_chunks(len(images), c, None):
+    for lo, hi in row_chunks(len(images), c, None):
         ranks[lo:hi] = target_ranks(images[lo:hi] @ classes.T, labels[lo:hi])
     out = {f"top{k}": float(np.mean(ranks < k)) for k in ks}  # rank <= c - 1, so k > c caps itself
     count = np.bincount(labels, minlength=c)

@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from clipup_jax.evaluate.retrieval import retrieval_metrics, target_ranks
+from clipup_jax.evaluate.retrieval import retrieval_metrics
+from clipup_jax.evaluate.scoring import target_ranks
 
 # Hand case: 3 images (one-hot, so score[t, j] = text_t[j]) and 6 captions, two per image.
 # Rows: caption -> its similarity to images 0, 1, 2.
