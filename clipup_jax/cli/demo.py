@@ -30,11 +30,13 @@ def _step(message: str) -> None:
     print(f"\n=== {message}", flush=True)
 
 
-def _arm_config(model, parent: pathlib.Path, tokenizer: pathlib.Path, steps: int, seed: int, eval_size: int):
+def _arm_config(model, parent: pathlib.Path, tokenizer: pathlib.Path, steps: int, seed: int,
+                args: argparse.Namespace):
     from clipup_jax.train.recipes import demo_config
 
     config = demo_config(model)
-    config.data.eval_size = eval_size
+    config.data.eval_size = args.eval_size
+    config.data.synthetic_species = args.species
     config.seed = seed  # data order, router init and noise; the data set itself is config.data.synthetic_seed
     config.init.checkpoint = str(parent)
     config.data.tokenizer = str(tokenizer)
@@ -176,6 +178,8 @@ def _demo(args: argparse.Namespace) -> None:
         raise ValueError(f"--seeds {seeds}: at least 1 (3 or more for a confidence interval worth reading)")
     if seed < 0:
         raise ValueError(f"--seed {seed}: must be >= 0")
+    if args.species < 0:
+        raise ValueError(f"--species {args.species}: must be >= 0")
     if args.eval_size < 2:
         raise ValueError(f"--eval-size {args.eval_size}: at least 2 held-out scenes")
     if workdir.exists() and not workdir.is_dir():
@@ -194,6 +198,7 @@ def _demo(args: argparse.Namespace) -> None:
     parent_config = demo_config()
     parent_config.seed = seed
     parent_config.data.eval_size = args.eval_size
+    parent_config.data.synthetic_species = args.species
     parent_config.total_steps = pretrain_steps
     parent_config.eval_every = pretrain_steps
     parent_config.checkpoint_every = pretrain_steps
@@ -202,7 +207,7 @@ def _demo(args: argparse.Namespace) -> None:
     runs = [Run("parent", seed, parent, parent_config)]
 
     models = {"dense": DEMO_MODEL, "dense-equal-flops": DEMO_MODEL, "clip-up": sparse(DEMO_MODEL, DEMO_PLAN)}
-    equal_flops = _equal_flops_steps(*(_arm_config(models[arm], parent, tokenizer, arm_steps, seed, args.eval_size)
+    equal_flops = _equal_flops_steps(*(_arm_config(models[arm], parent, tokenizer, arm_steps, seed, args)
                                        for arm in ("dense", "clip-up")), arm_steps)
     steps = {"dense": arm_steps, "dense-equal-flops": equal_flops, "clip-up": arm_steps}
     plan = [(arm_seed, arm) for arm_seed in range(seed + 1, seed + 1 + seeds) for arm in ARMS]
@@ -213,7 +218,7 @@ def _demo(args: argparse.Namespace) -> None:
         eta = "" if i == 0 else f", ETA {(time.perf_counter() - arms_start) / i * (len(plan) - i) / 60:.1f} min"
         _step(f"2/3 run {i + 1} of {len(plan)}: continue {arm} for {steps[arm]} steps from the parent, "
               f"seed {arm_seed}{eta}")
-        configs[arm] = config = _arm_config(models[arm], parent, tokenizer, steps[arm], arm_seed, args.eval_size)
+        configs[arm] = config = _arm_config(models[arm], parent, tokenizer, steps[arm], arm_seed, args)
         runs.append(Run(arm, arm_seed, workdir / arm / f"seed_{arm_seed}", config))
         histories[arm].append(run_experiment(config, runs[-1].workdir)["train"])
 
@@ -223,7 +228,7 @@ def _demo(args: argparse.Namespace) -> None:
     _step(f"3/3 results over {seeds} seed{'s' if seeds > 1 else ''} (held-out generated scenes, in %)")
     print(_table(report))
     results = {"seed": seed, "seeds": seeds, "pretrain_steps": pretrain_steps, "arm_steps": arm_steps,
-               "eval_size": args.eval_size, **report}
+               "eval_size": args.eval_size, "species": args.species, **report}
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _figure(report, histories, workdir / "results.png")
     print(f"\n{_verdict(report)}")
@@ -243,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="shifts every seed: the parent's and the arms'")
     parser.add_argument("--eval-size", type=int, default=demo_config().data.eval_size,
                         help="held-out scenes every run is evaluated on")
+    parser.add_argument("--species", type=int, default=demo_config().data.synthetic_species,
+                        help="made-up glyph species in the generated scenes: a long tail to memorise")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     run_cli("clipup-demo", lambda: _demo(args))
 

@@ -7,6 +7,12 @@ large blue square". Retrieval needs binding (which colour goes with which shape,
 model does not saturate it and capacity can matter. Captions are derived from the objects' positions only, so they
 are true of the picture by construction.
 
+``species=K`` adds a long tail of fine-grained concepts: K made-up glyph species (an irregular polygon each, a
+made-up name each, e.g. "a small red vokimu"), drawn for half of all groups with Zipf(1) frequencies over their
+rank, so a few are common and most are rare. Binding a name to a glyph is memorisation: the more species, the
+more a model must store, which is where a sparse model's extra expert parameters can pay (measured in
+benchmarks/RESULTS.md).
+
 Train/eval separation is structural: every scene has a canonical caption; a hash of it puts 1 in ``EVAL_BUCKETS``
 captions in the eval reserve. Train redraws a scene whose canonical caption is reserved, eval redraws until it is,
 so no eval scene's description ever occurs in train (different seeds per split keep the draws independent too).
@@ -32,7 +38,10 @@ from clipup_jax.data.bpe_trainer import train_bpe, write_hf_tokenizer
 from clipup_jax.data.tokenizer import PathLike
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
-CLASS_NAMES = SHAPES  # zero-shot label: shape of the dominant group (see `labels`)
+CLASS_NAMES = SHAPES  # zero-shot label: shape of the dominant group (see `labels`); `class_names(K)` with species
+SPECIES_SHARE = 0.5  # with species: the fraction of groups that are a species rather than a basic shape
+_GLYPH_SEED = 20_261_203
+_ONSETS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 COLOURS = {
     "red": (220, 45, 45), "orange": (245, 140, 25), "yellow": (240, 220, 45), "green": (45, 170, 65),
     "cyan": (40, 205, 215), "blue": (45, 80, 225), "purple": (145, 65, 200), "pink": (245, 135, 195),
@@ -183,10 +192,45 @@ def describe(scene: Scene) -> tuple[str, ...]:
     return (first, second, f"{prefix} {body}")
 
 
-def labels(scene: Scene) -> tuple[int, int]:
+@functools.cache
+def species_names(k: int) -> tuple[str, ...]:
+    """K distinct made-up words of three consonant-vowel syllables (no English word of the captions is one)."""
+    rng = np.random.default_rng(_GLYPH_SEED)
+    names: list[str] = []
+    while len(names) < k:
+        word = "".join(_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))] for _ in range(3))
+        if word not in names:
+            names.append(word)
+    return tuple(names)
+
+
+def class_names(species: int = 0) -> tuple[str, ...]:
+    """Zero-shot classes of a world with `species` species: the basic shapes, then the species by rank."""
+    return SHAPES + species_names(species)
+
+
+@functools.cache
+def _species_cdf(k: int) -> np.ndarray:
+    weights = 1.0 / np.arange(1, k + 1)
+    return np.cumsum(weights) / weights.sum()
+
+
+@functools.cache
+def _glyph(name: str) -> tuple[tuple[float, float], ...]:
+    """The species' polygon inside the unit circle: 5-9 vertices at jittered angles and radii in [0.35, 1]."""
+    rng = np.random.default_rng([_GLYPH_SEED, int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(),
+                                                             "little")])
+    n = int(rng.integers(5, 10))
+    angles = np.sort((np.arange(n) + rng.uniform(-0.3, 0.3, n)) * 2 * math.pi / n)
+    radii = rng.uniform(0.35, 1.0, n)
+    radii[rng.integers(n)] = 1.0  # one vertex on the circle: every glyph spans its size
+    return tuple((float(r * math.cos(a)), float(r * math.sin(a))) for r, a in zip(radii, angles))
+
+
+def labels(scene: Scene, species: int = 0) -> tuple[int, int]:
     """(shape, colour) class indices of the dominant group: large beats small, then more objects; ties: first."""
     g = max(_arrange(_groups(scene))[0], key=_dominance)
-    return SHAPES.index(g.shape), COLOUR_NAMES.index(g.colour)
+    return class_names(species).index(g.shape), COLOUR_NAMES.index(g.colour)
 
 
 def is_eval_caption(caption: str) -> bool:
@@ -220,7 +264,8 @@ def _draw(draw: ImageDraw.ImageDraw, o: Obj, side: int) -> None:
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         return
     c, s = math.cos(math.radians(o.angle)), math.sin(math.radians(o.angle))
-    draw.polygon([(cx + r * (u * c - v * s), cy + r * (u * s + v * c)) for u, v in _UNIT_SHAPES[o.shape]], fill=fill)
+    unit = _UNIT_SHAPES[o.shape] if o.shape in _UNIT_SHAPES else _glyph(o.shape)
+    draw.polygon([(cx + r * (u * c - v * s), cy + r * (u * s + v * c)) for u, v in unit], fill=fill)
 
 
 @functools.cache
@@ -287,13 +332,19 @@ def _place(d: _Draws, radius: float, rect: _Rect, placed: list[tuple[float, floa
     return False
 
 
-def _sample_groups(d: _Draws, max_objects: int) -> list[tuple[int, str, str, str]]:
+def _shape(d: _Draws, species: int) -> str:
+    if species and d.uniform() < SPECIES_SHARE:
+        return species_names(species)[min(int(np.searchsorted(_species_cdf(species), d.uniform())), species - 1)]
+    return d.choice(SHAPES)
+
+
+def _sample_groups(d: _Draws, max_objects: int, species: int = 0) -> list[tuple[int, str, str, str]]:
     """(count, shape, colour, size) per group; two groups never look alike and never tie for dominance."""
     if max_objects < 2 or d.uniform() < SINGLE_GROUP_P:
         counts = [1 + int(d.uniform() * min(3, max_objects))]
     else:
         counts = list(d.choice([(a, b) for a in (1, 2, 3) for b in (1, 2, 3) if a + b <= max_objects]))
-    groups = [[n, d.choice(SHAPES), d.choice(COLOUR_NAMES), d.choice(tuple(SIZES))] for n in counts]
+    groups = [[n, _shape(d, species), d.choice(COLOUR_NAMES), d.choice(tuple(SIZES))] for n in counts]
     if len(groups) == 2:
         (na, sa, ca, za), (nb, sb, cb, zb) = groups
         if (sa, ca, za) == (sb, cb, zb):
@@ -303,11 +354,11 @@ def _sample_groups(d: _Draws, max_objects: int) -> list[tuple[int, str, str, str
     return [tuple(g) for g in groups]
 
 
-def sample_scene(d: _Draws, max_objects: int) -> Scene:
+def sample_scene(d: _Draws, max_objects: int, species: int = 0) -> Scene:
     """A random scene: one group in a random region, or two groups on either side of a horizontal/vertical split."""
     for attempt in itertools.count():
         if attempt % 20 == 0:  # some group sets cannot fit (e.g. many large objects in a half): draw new ones
-            groups = _sample_groups(d, max_objects)
+            groups = _sample_groups(d, max_objects, species)
         if len(groups) == 1:
             rects = [d.choice(_SINGLE_REGIONS)]
         else:
@@ -327,20 +378,22 @@ def sample_scene(d: _Draws, max_objects: int) -> Scene:
 class SyntheticCaptions:
     """Random-access source for ``grain.MapDataset.source``; example ``i`` depends only on (seed, split, i)."""
 
-    def __init__(self, split: str, size: int, image_size: int = 64, seed: int = 0, max_objects: int = 3) -> None:
+    def __init__(self, split: str, size: int, image_size: int = 64, seed: int = 0, max_objects: int = 3,
+                 species: int = 0) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-        if size < 0 or seed < 0 or image_size < 8 or max_objects < 1:
-            raise ValueError(f"need size >= 0, seed >= 0, image_size >= 8, max_objects >= 1; got "
-                             f"{size=}, {seed=}, {image_size=}, {max_objects=}")
+        if size < 0 or seed < 0 or image_size < 8 or max_objects < 1 or species < 0:
+            raise ValueError(f"need size >= 0, seed >= 0, image_size >= 8, max_objects >= 1, species >= 0; got "
+                             f"{size=}, {seed=}, {image_size=}, {max_objects=}, {species=}")
         self.split, self.size, self.image_size, self.seed, self.max_objects = split, size, image_size, seed, max_objects
+        self.species = species
 
     def __len__(self) -> int:
         return self.size
 
     def __repr__(self) -> str:
         return (f"SyntheticCaptions(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
-                f"seed={self.seed}, max_objects={self.max_objects})")
+                f"seed={self.seed}, max_objects={self.max_objects}, species={self.species})")
 
     def _index(self, index: int) -> int:
         i = operator.index(index)
@@ -355,7 +408,7 @@ class SyntheticCaptions:
         d = _Draws(np.random.default_rng(np.random.SeedSequence([self.seed, SPLITS[self.split], i])))
         want_eval = self.split == "eval"
         while True:
-            scene = sample_scene(d, self.max_objects)
+            scene = sample_scene(d, self.max_objects, self.species)
             if is_eval_caption(canonical_caption(scene)) == want_eval:
                 return scene
 
@@ -367,7 +420,7 @@ class SyntheticCaptions:
         i = self._index(index)
         scene = self.scene(i)
         captions = describe(scene)
-        label, colour_label = labels(scene)
+        label, colour_label = labels(scene, self.species)
         return {"image": render(scene, self.image_size), "captions": captions, "caption": captions[0],
                 "label": label, "colour_label": colour_label, "index": i}
 

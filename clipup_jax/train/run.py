@@ -33,7 +33,7 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> p
     if jax.process_index() == 0 and not (directory / "merges.txt").exists():
         vocab = config.model.text.vocab_size
         source = synthetic.SyntheticCaptions("train", config.data.synthetic_size, SYNTHETIC_IMAGE_SIZE,
-                                             config.data.synthetic_seed)
+                                             config.data.synthetic_seed, species=config.data.synthetic_species)
         synthetic.build_tokenizer(directory, source, num_merges=vocab - 514)  # 512 byte symbols + SOT/EOT
     if jax.process_count() > 1:  # the others read what process 0 wrote (a shared workdir)
         multihost_utils.sync_global_devices("clipup tokenizer trained")
@@ -42,14 +42,15 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> p
 
 def _source(spec: str, config: ml_collections.ConfigDict, size: int):
     return make_source(spec, synthetic_size=size, synthetic_image_size=SYNTHETIC_IMAGE_SIZE,
-                       synthetic_seed=config.data.synthetic_seed)
+                       synthetic_seed=config.data.synthetic_seed, synthetic_species=config.data.synthetic_species)
 
 
 def eval_data_for(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> EvalData:
     """The eval data a config names (the synthetic eval split is generated at `config.data.eval_size`)."""
     zero_shot = config.data.zero_shot == "synthetic"
     return EvalData(_source(config.data.eval, config, config.data.eval_size), tokenizer, config.data.eval_size,
-                    synthetic.CLASS_NAMES if zero_shot else (), synthetic.CLASS_PROMPT_TEMPLATES if zero_shot else ())
+                    synthetic.class_names(config.data.synthetic_species) if zero_shot else (),
+                    synthetic.CLASS_PROMPT_TEMPLATES if zero_shot else ())
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:

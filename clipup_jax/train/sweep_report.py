@@ -43,7 +43,9 @@ def eval_set(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """What a run is evaluated on: runs compared in one report must agree on it."""
     spec = str(config.data.eval)
     return {"eval": spec, "eval_size": int(config.data.eval_size),
-            **({"synthetic_seed": int(config.data.synthetic_seed)} if spec.startswith("synthetic") else {})}
+            **({"synthetic_seed": int(config.data.synthetic_seed),
+                "synthetic_species": int(config.data.get("synthetic_species", 0))} if spec.startswith("synthetic")
+               else {})}
 
 
 def _train_time_s(train: list[dict[str, float]]) -> float:

@@ -168,3 +168,31 @@ def test_tokenizer_from_the_corpus_covers_every_caption(tmp_path):
     for caption in texts[: 3 * len(evals)]:  # every caption word was learnt whole
         assert len(tok.encode(caption)) == len(caption.split()) + caption.count(",")
     assert tok(texts, context_length=32)[:, -1].max() == 0  # all fit in 32 tokens
+
+
+def test_species_are_a_zipf_long_tail_of_named_glyphs():
+    k = 32
+    names = syn.species_names(k)
+    assert len(set(names)) == k and syn.species_names(4) == names[:4]  # fixed, whatever K
+    assert not set(names) & set(syn.SHAPES + syn.COLOUR_NAMES)
+    assert syn.class_names(k) == syn.SHAPES + names
+    source = SyntheticCaptions("train", 1500, 32, seed=0, species=k)
+    counts = {name: 0 for name in names}
+    for i in range(len(source)):
+        example = source[i]
+        for o in source.scene(i).objects:
+            if o.shape in counts:
+                counts[o.shape] += 1
+                assert o.shape in example["caption"]  # a species is named by its made-up word
+        assert syn.class_names(k)[example["label"]] in example["caption"]
+    shares = np.array(list(counts.values())) / sum(counts.values())
+    want = (1 / np.arange(1, k + 1)) / (1 / np.arange(1, k + 1)).sum()
+    assert abs(shares[:4].sum() - want[:4].sum()) < 0.05 and shares[-8:].sum() < want[:1].sum()  # head and tail
+    assert 0.4 < sum(counts.values()) / sum(len(source.scene(i).objects) for i in range(len(source))) < 0.6
+    # Each species has its own glyph: drawn alone, two species' pictures differ, the same species' do not.
+    pictures = [render(Scene((Obj(name, "red", "large", 0.5, 0.5),)), 32) for name in names[:3] + names[:1]]
+    assert not np.array_equal(pictures[0], pictures[1]) and not np.array_equal(pictures[1], pictures[2])
+    assert np.array_equal(pictures[0], pictures[3])
+    assert SyntheticCaptions("train", 5, 32)[3]["caption"] == SyntheticCaptions("train", 5, 32, species=0)[3]["caption"]
+    with pytest.raises(ValueError, match="species >= 0"):
+        SyntheticCaptions("train", 5, 32, species=-1)
