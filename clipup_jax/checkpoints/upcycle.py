@@ -161,16 +161,18 @@ def upcycle(config: ModelConfig, params: Mapping[str, np.ndarray], opts: Upcycle
         same_architecture(params, other, f"{source}: multiplet checkpoint {i}")
     rules = key_rules(config, sparse, source)
     checkpoints = [params, *multiplet]
+    # The dense model the sparse one starts nearest: the copied parameters, and the first checkpoint's MLPs
+    # where experts come from all of them (what the k-means calibration runs).
     shared = params
     if multiplet and opts.shared_from == "average":
-        shared = {key: np.mean([np.asarray(c[key], np.float32) for c in checkpoints], axis=0) for key in params}
+        tiled = {src for rule, src in rules.values() if rule == "tile"}
+        mean = lambda key: np.mean([np.asarray(c[key], np.float32) for c in checkpoints], axis=0)  # noqa: E731
+        shared = {key: params[key] if key in tiled else mean(key) for key in params}
     routers = None
     if opts.router_init == "kmeans":
         if calibration is None:
             raise CheckpointError(f"{source}: router init 'kmeans' needs a calibration batch")
-        tiled = {src for rule, src in rules.values() if rule == "tile"}
-        start = {key: params[key] if key in tiled else shared[key] for key in params}  # the first's MLPs
-        routers = cluster_routers(config, start, sparse, calibration, opts.seed)
+        routers = cluster_routers(config, shared, sparse, calibration, opts.seed)
     experts = _Experts(sparse, opts, routers)
     out = {key: experts.param(key, rule, [c[src] for c in checkpoints] if rule == "tile"
                               else shared[src] if src else None) for key, (rule, src) in rules.items()}
