@@ -30,7 +30,11 @@ def _data_args():
 class TrainCheckpoints:
     def __init__(self, workdir: pathlib.Path, *, keep: int, every: int, async_save: bool = True):
         tensorstore_leak.plug()  # else every save leaks ~0.6 KiB per array (see the module)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+        # Every `every` steps (and the last, forced): not Orbax's default extra save at a run's first step, a
+        # full state write that no schedule asked for. Preemption notices (jax's multi-host sync) still save.
+        policy = ocp.checkpoint_managers.AnySavePolicy([ocp.checkpoint_managers.FixedIntervalPolicy(every),
+                                                        ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_decision_policy=policy,
                                                enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager((workdir / CHECKPOINTS_DIR).resolve(), options=options,
                                              item_names=ITEMS)

@@ -12,7 +12,9 @@ import time
 
 import numpy as np
 
+from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.format import load_checkpoint
+from tests.cli_helpers import xla_flags
 
 ROOT = pathlib.Path(__file__).parents[2]
 ARGS = ["--config", str(ROOT / "experiments" / "demo.py"), "--config.total_steps=400", "--config.batch_size=16",
@@ -22,7 +24,7 @@ ARGS = ["--config", str(ROOT / "experiments" / "demo.py"), "--config.total_steps
 
 def test_sigterm_saves_and_resume_finishes(tmp_path):
     workdir = tmp_path / "run"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "clipup_jax.cli.train", *ARGS, "--workdir", str(workdir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen = []
@@ -63,7 +65,7 @@ def test_repeated_sigkill_then_relaunch_equals_an_uninterrupted_run(tmp_path):
     the latest complete checkpoint, and the run ends bitwise where an uninterrupted one ends (params, optimizer
     state and data stream position all came back each time)."""
     # One compile for five launches: they share JAX's persistent compilation cache (the same program each time).
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "PYTHONUNBUFFERED": "1",
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     base = [sys.executable, "-m", "clipup_jax.cli.train", "--config", str(ROOT / "experiments" / "demo.py"), *SMALL]
@@ -74,9 +76,11 @@ def test_repeated_sigkill_then_relaunch_equals_an_uninterrupted_run(tmp_path):
     latest = None
     try:
         for _ in range(3):
-            # Kill 1-4 steps past the resume point: sometimes before the next save, sometimes during or after it.
+            # Kill 1-4 steps past the resume point, saving every step: the kill lands during a save (Orbax commits
+            # a step asynchronously, while the next one runs), so the latest complete step is one before, or earlier.
             target = (latest or 0) + rng.randint(1, 4)
-            proc = subprocess.Popen([*base, "--config.total_steps=1000", "--workdir", str(workdir)],
+            proc = subprocess.Popen([*base, "--config.total_steps=1000", "--config.checkpoint_every=1",
+                                     "--workdir", str(workdir)],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             seen = []
             try:
@@ -93,9 +97,17 @@ def test_repeated_sigkill_then_relaunch_equals_an_uninterrupted_run(tmp_path):
             assert proc.returncode == -signal.SIGKILL, output
             if latest is not None:
                 assert f"resumed from {workdir / 'checkpoints'} at step {latest}\n" in output, output
-            ckpt = load_checkpoint(workdir)  # complete, whatever the kill interrupted
+            else:
+                assert "resumed from" not in output, output
+            try:
+                ckpt = load_checkpoint(workdir)  # complete, whatever the kill interrupted
+            except CheckpointError:  # killed before the first save was complete: the relaunch starts over
+                assert latest is None
+                continue
             latest = ckpt.metadata["step"]
+            print(f"killed at step {target}: latest complete checkpoint step {latest}")  # pytest -rP shows them
             assert latest <= target and all(np.isfinite(v).all() for v in ckpt.params.values())
+        assert latest is not None, "no kill left a complete checkpoint: the relaunches resumed nothing"
         resumed = subprocess.run([*base, f"--config.total_steps={total}", "--workdir", str(workdir)],
                                  capture_output=True, text=True, env=env, timeout=900)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr

@@ -77,6 +77,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     meta = json.loads((tmp_path / "resumed" / "clipup.json").read_text())
     assert meta["kind"] == "dense" and meta["tokenizer"] == "tokenizer"
     assert load_checkpoint(tmp_path / "resumed").metadata["step"] == 6
+    # saves on the config's schedule only: no extra one at a run's first step (Orbax's default InitialSavePolicy)
+    assert sorted(int(p.name) for p in (tmp_path / "straight" / "checkpoints").iterdir()) == [3, 6]
 
 
 def test_sparse_from_dense_checkpoint_upcycles_and_learns(tmp_path, capsys):
