@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Callable
 
@@ -18,3 +19,10 @@ def invoke(main: Callable[[list[str]], None], argv: list[str], capsys: pytest.Ca
 def leftovers(directory: pathlib.Path) -> list[str]:
     """Temporary or partial outputs a failed command must not leave behind."""
     return sorted(p.name for p in directory.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def xla_flags(devices: int | None) -> str:
+    """The session's XLA flags (conftest) for a subprocess with `devices` CPU devices (None: it sets its own)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join(flags + ([f"--xla_force_host_platform_device_count={devices}"] if devices else []))

@@ -194,7 +194,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
     make_schedule(config.optim, config.total_steps)  # validates the schedule name
     _dtype(config)
     cfg = model_config(config)
-    mesh = _mesh(config)
+    mesh = config_mesh(config)
     check_experts_fit(cfg, mesh.shape.get("expert", 1))
     if config.data.tokenizer and not pathlib.Path(config.data.tokenizer).exists():
         raise FileNotFoundError(f"config.data.tokenizer={config.data.tokenizer}: no such file or directory")
@@ -208,7 +208,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
         _check_init(config, cfg, read_metadata(config.init.checkpoint)[1])
 
 
-def _mesh(config: ml_collections.ConfigDict):
+def config_mesh(config: ml_collections.ConfigDict):
     mesh = make_mesh(dict(config.mesh), dcn=dict(config.get("dcn_mesh") or {}))  # dcn: multi-slice factors
     data_axes = data_parallel_size(dict(mesh.shape))
     if config.batch_size % data_axes:
@@ -217,13 +217,13 @@ def _mesh(config: ml_collections.ConfigDict):
     return mesh
 
 
-def _batch_shardings(mesh) -> dict[str, NamedSharding]:
+def batch_shardings(mesh) -> dict[str, NamedSharding]:
     return {"pixels": NamedSharding(mesh, batch_spec(mesh, 4)), "tokens": NamedSharding(mesh, batch_spec(mesh, 2))}
 
 
 def _jit_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx, schedule, shardings, mesh):
     return jax.jit(make_train_step(graphdef, tx, config.loss, schedule, config.loss_impl),
-                   in_shardings=(shardings, _batch_shardings(mesh)), out_shardings=(shardings, None),
+                   in_shardings=(shardings, batch_shardings(mesh)), out_shardings=(shardings, None),
                    donate_argnums=0)
 
 
@@ -239,14 +239,14 @@ def lower_train_step(config: ml_collections.ConfigDict) -> jax.stages.Lowered:
     """The config's train step traced and lowered on its mesh with abstract state and batch: checks shapes,
     shardings and collectives of a full-size recipe without allocating the model."""
     cfg = model_config(config)
-    mesh = _mesh(config)
+    mesh = config_mesh(config)
     with jax.set_mesh(mesh):
         graphdef, tx, schedule, state = abstract_train_state(config)
         shardings = state_shardings(state, mesh, cfg)
         v, t = cfg.vision, cfg.text
         batch = {"pixels": jax.ShapeDtypeStruct((config.batch_size, v.image_size, v.image_size, 3), jnp.float32),
                  "tokens": jax.ShapeDtypeStruct((config.batch_size, t.context_length), jnp.int32)}
-        batch = {k: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=_batch_shardings(mesh)[k]) for k, b in batch.items()}
+        batch = {k: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=batch_shardings(mesh)[k]) for k, b in batch.items()}
         return _jit_step(config, graphdef, tx, schedule, shardings, mesh).lower(abstract_like(state, shardings), batch)
 
 
@@ -274,7 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
     check_config(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = model_config(config)
-    mesh = _mesh(config)
+    mesh = config_mesh(config)
     main_process = jax.process_index() == 0
     log = MetricsLog(workdir, config.total_steps, enabled=main_process)
 
@@ -298,7 +298,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
             if main_process:
                 _write_workdir_metadata(workdir, cfg, tokenizer, config)
 
-        batch_sharding = _batch_shardings(mesh)
+        batch_sharding = batch_shardings(mesh)
         step_fn = _jit_step(config, graphdef, tx, schedule, shardings, mesh)
 
         def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -1,15 +1,14 @@
 """One process of the multi-process training test (tests/parallel/test_multiprocess.py), and its config file.
 
-    python multiprocess_worker.py multi  WORKDIR STEPS TOKENIZER   # with CLIPUP_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID
-    python multiprocess_worker.py single WORKDIR STEPS TOKENIZER   # one process, 8 CPU devices
+    python multiprocess_worker.py WORKDIR STEPS TOKENIZER   # with CLIPUP_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID
 
-Both go through `clipup-train` (`clipup_jax.cli.train.main`) with this file as the experiment config.
+It goes through `clipup-train` (`clipup_jax.cli.train.main`) with this file as the experiment config; so does the
+test's one-process reference (`train`, called in the test's own 8-device process).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 
@@ -26,12 +25,12 @@ def get_config():
     config.data.synthetic_size = 200
     config.data.eval_size = 40
     config.batch_size = 16
-    config.total_steps = 6
+    config.total_steps = 4
     config.optim.warmup_steps = 2
     config.optim.eps = 1.0  # >= every clipped gradient element: the update is Lipschitz in the gradient (the test's bound)
     config.log_every = 1
     config.eval_every = 0
-    config.checkpoint_every = 3
+    config.checkpoint_every = 2
     return config
 
 
@@ -39,9 +38,9 @@ def _row_owners(out: pathlib.Path) -> None:
     """Which global batch rows each process's local batch fills (written by every process)."""
     import jax
 
-    from clipup_jax.train.trainer import _batch_shardings, _mesh
+    from clipup_jax.train.trainer import batch_shardings, config_mesh
 
-    sharding = _batch_shardings(_mesh(get_config()))["tokens"]
+    sharding = batch_shardings(config_mesh(get_config()))["tokens"]
     rows = sorted({idx[0].indices(16)[:2] for idx in sharding.addressable_devices_indices_map((16, 16)).values()})
     lo, hi = min(r[0] for r in rows), max(r[1] for r in rows)
     (out / f"rows_{jax.process_index()}.json").write_text(json.dumps(
@@ -50,27 +49,28 @@ def _row_owners(out: pathlib.Path) -> None:
          "contiguous": sum(b - a for a, b in rows) == hi - lo}))
 
 
-def main() -> None:
-    mode, workdir, steps, tokenizer = sys.argv[1:5]
-    workdir = pathlib.Path(workdir)
+def train(workdir: pathlib.Path, steps: int, tokenizer: pathlib.Path) -> None:
     from clipup_jax.cli.train import main as train_main
 
     argv = ["--config", __file__, "--workdir", str(workdir), f"--config.total_steps={steps}",
             f"--config.data.tokenizer={tokenizer}"]
     try:
-        train_main(argv)  # calls clipup_jax.parallel.distributed.initialize() (CLIPUP_* env in "multi" mode)
+        train_main(argv)  # calls clipup_jax.parallel.distributed.initialize() (a no-op without CLIPUP_* env)
     except SystemExit as e:
         if e.code:
             raise
+
+
+def main() -> None:
+    workdir, steps, tokenizer = sys.argv[1:4]
+    workdir = pathlib.Path(workdir)
+    train(workdir, int(steps), pathlib.Path(tokenizer))
     import jax
 
-    if mode == "multi":
-        _row_owners(workdir.parent)
-
+    _row_owners(workdir.parent)
     print(f"worker done: process {jax.process_index()}/{jax.process_count()} devices {jax.device_count()}",
           flush=True)
-    if os.environ.get("CLIPUP_NUM_PROCESSES"):
-        jax.distributed.shutdown()
+    jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

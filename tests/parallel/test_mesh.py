@@ -11,7 +11,7 @@ import pytest
 
 from clipup_jax.parallel.mesh import device_grid, make_mesh, split_dcn
 from clipup_jax.train.recipes import base_config
-from clipup_jax.train.trainer import _mesh
+from clipup_jax.train.trainer import config_mesh
 
 
 def _fake_devices(count: int, slices: int) -> list[SimpleNamespace]:
@@ -21,8 +21,8 @@ def _fake_devices(count: int, slices: int) -> list[SimpleNamespace]:
 
 
 def test_axes_are_laid_out_data_fsdp_expert_whatever_the_order_given():
-    config_mesh = ml_collections.ConfigDict({"data": 2, "fsdp": 1, "expert": 4})  # iterates data, expert, fsdp
-    mesh = make_mesh(dict(config_mesh))
+    axes = ml_collections.ConfigDict({"data": 2, "fsdp": 1, "expert": 4})  # iterates data, expert, fsdp
+    mesh = make_mesh(dict(axes))
     assert mesh.axis_names == ("data", "fsdp", "expert")
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     assert ids[0, 0].tolist() == [0, 1, 2, 3]  # the expert axis runs over neighbouring devices
@@ -66,6 +66,6 @@ def test_trainer_mesh_reads_dcn_mesh():
     config.batch_size = 16
     config.dcn_mesh.data = 2
     with pytest.raises(ValueError, match="asks for 2 slices"):
-        _mesh(config)
+        config_mesh(config)
     config.dcn_mesh.data = 1
-    assert _mesh(config).shape == {"data": 8, "fsdp": 1, "expert": 1}
+    assert config_mesh(config).shape == {"data": 8, "fsdp": 1, "expert": 1}

@@ -2,9 +2,9 @@
 tiny sparse CLIP with expert parallelism (mesh data=2 x expert=4 over the 8 global devices) through
 `clipup-train`, checkpoint, and resume in a second launch; the params and losses equal one process with 8 devices.
 
-The reference is a plain `clipup-train` run of the same config: each process reads its rows of the one global
-stream (rows [8p, 8p+8) of every batch of 16, which is also where the batch sharding puts them: checked), so the
-global batches are those of one process.
+The reference is a plain `clipup-train` run of the same config in the test's own 8-device process, while the two
+processes run: each process reads its rows of the one global stream (rows [8p, 8p+8) of every batch of 16, which
+is also where the batch sharding puts them: checked), so the global batches are those of one process.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from clipup_jax.checkpoints.format import load_checkpoint
+from tests.cli_helpers import xla_flags
 from tests.numerics import U32, assert_close, reduction_bound
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
@@ -44,18 +45,20 @@ def _env(**extra: str) -> dict[str, str]:
            if not k.startswith(("CLIPUP_", "JAX_", "SLURM_", "OMPI_", "TPU_", "MEGASCALE_")) and k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = xla_flags(None)  # the device count: CLIPUP_LOCAL_DEVICE_COUNT
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # the session's cache (conftest): the resume reuses the compiles
         env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
     return {**env, **extra}
 
 
-def _launch(jobs: list[tuple[list[str], dict[str, str], pathlib.Path]]) -> None:
-    """Starts every job at once; all must exit 0 within TIMEOUT_S, else all are killed and the test fails."""
-    procs = []
+def _start(jobs: list[tuple[list[str], dict[str, str], pathlib.Path]]) -> list[tuple[subprocess.Popen, pathlib.Path]]:
+    return [(subprocess.Popen([sys.executable, str(WORKER), *args], env=env, cwd=log.parent, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT), log) for args, env, log in jobs]
+
+
+def _wait(procs: list[tuple[subprocess.Popen, pathlib.Path]]) -> None:
+    """All must exit 0 within TIMEOUT_S, else all are killed and the test fails."""
     try:
-        for args, env, log in jobs:
-            procs.append((subprocess.Popen([sys.executable, str(WORKER), *args], env=env, cwd=log.parent,
-                                           stdout=log.open("w"), stderr=subprocess.STDOUT), log))
         deadline = time.monotonic() + TIMEOUT_S
         while any(p.poll() is None for p, _ in procs):
             if any(p.poll() not in (None, 0) for p, _ in procs) or time.monotonic() > deadline:
@@ -72,13 +75,15 @@ def _launch(jobs: list[tuple[list[str], dict[str, str], pathlib.Path]]) -> None:
 
 def _multi(workdir: pathlib.Path, steps: int, tokenizer: pathlib.Path, tag: str):
     port = str(_free_port())
-    return [(["multi", str(workdir), str(steps), str(tokenizer)],
+    return [([str(workdir), str(steps), str(tokenizer)],
              _env(CLIPUP_COORDINATOR=f"127.0.0.1:{port}", CLIPUP_NUM_PROCESSES="2", CLIPUP_PROCESS_ID=str(i),
                   CLIPUP_LOCAL_DEVICE_COUNT="4", CLIPUP_INIT_TIMEOUT="600"),
              workdir.parent / f"{tag}_{i}.log") for i in range(2)]
 
 
 def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path):
+    import jax
+
     sys.path.insert(0, str(WORKER.parent))
     try:
         import multiprocess_worker
@@ -88,22 +93,25 @@ def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path):
 
     tokenizer = tokenizer_for(multiprocess_worker.get_config(), tmp_path)  # shared, built once
     multi, single = tmp_path / "multi", tmp_path / "single"
-    reference = (["single", str(single), "6", str(tokenizer)],
-                 _env(XLA_FLAGS="--xla_force_host_platform_device_count=8"), tmp_path / "single.log")
 
-    _launch(_multi(multi, 3, tokenizer, "first") + [reference])
+    first = _start(_multi(multi, 2, tokenizer, "first"))
+    try:  # the reference meanwhile, here: this process has the 8 CPU devices of one host (conftest)
+        assert jax.process_count() == 1 and jax.device_count() == 8
+        multiprocess_worker.train(single, 4, tokenizer)
+    finally:
+        _wait(first)
     first = json.loads((multi / "history.json").read_text())["train"]
-    assert [h["step"] for h in first] == [1, 2, 3]
-    _launch(_multi(multi, 6, tokenizer, "resume"))
+    assert [h["step"] for h in first] == [1, 2]
+    _wait(_start(_multi(multi, 4, tokenizer, "resume")))
     resumed = json.loads((multi / "history.json").read_text())["train"]
-    assert [h["step"] for h in resumed] == [4, 5, 6]
+    assert [h["step"] for h in resumed] == [3, 4]
     assert "resumed from" in (tmp_path / "resume_0.log").read_text()
 
     for i in range(2):  # a real 2 x 4-device runtime, each process feeding its own rows
         rows = json.loads((tmp_path / f"rows_{i}.json").read_text())
         assert rows == {"process": i, "count": 2, "devices": 8, "local_devices": 4, "rows": [8 * i, 8 * i + 8],
                         "contiguous": True}
-    assert load_checkpoint(multi).metadata["step"] == 6
+    assert load_checkpoint(multi).metadata["step"] == 4
 
     want = json.loads((single / "history.json").read_text())["train"]
     got, ref = load_checkpoint(multi).params, load_checkpoint(single).params
@@ -150,11 +158,11 @@ def test_initialize_is_a_no_op_for_one_process_and_checks_its_arguments(monkeypa
 
 def test_a_coordinator_that_does_not_answer_fails_with_a_clear_message(tmp_path):
     log = tmp_path / "dead.log"
-    jobs = [(["multi", str(tmp_path / "w"), "1", str(tmp_path / "tok")],
+    jobs = [([str(tmp_path / "w"), "1", str(tmp_path / "tok")],
              _env(CLIPUP_COORDINATOR=f"127.0.0.1:{_free_port()}", CLIPUP_NUM_PROCESSES="2", CLIPUP_PROCESS_ID="1",
                   CLIPUP_INIT_TIMEOUT="2"), log)]
     try:
-        _launch(jobs)
+        _wait(_start(jobs))
     except AssertionError:
         pass
     else:
