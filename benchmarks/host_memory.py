@@ -3,7 +3,7 @@
     python -m benchmarks.host_memory [--quick]
     python -m benchmarks.run --only host_memory [--quick]   (rewrites its RESULTS.md section)
 
-Not part of CI (~15 min; --quick ~6). `clipup-train` caps glibc's malloc arenas (clipup_jax/train/host_memory.py);
+Not part of CI (~15 min; --quick ~6). `clipup-train` caps glibc's malloc arenas (clipup_jax/workarounds.py);
 `MALLOC_ARENA_MAX` set in a child's environment overrides the cap, so each arm is one environment variable: the
 cap, or glibc's own default of 8 per core. Arms alternate, so a noisy neighbour hits both. Three runs per arm:
   memory  the soak's config (benchmarks/soak.py: checkpoint every 10, eval every 25, a log line every step):
@@ -55,7 +55,7 @@ def _launch(root: pathlib.Path, name: str, arenas: int, steps: int, changes: lis
 
 
 def measure(quick: bool, root: pathlib.Path) -> list[Arm]:
-    from clipup_jax.train.host_memory import DEFAULT_ARENAS
+    from clipup_jax.workarounds import DEFAULT_ARENAS
 
     arms = [Arm(DEFAULT_ARENAS), Arm(8 * (os.cpu_count() or 1))]
     memory_steps, speed_steps, wide_steps, repeats = (1200, 1500, 40, 1) if quick else (3000, 3000, 120, 2)

@@ -188,7 +188,7 @@ def _allocator() -> str:
         return f"{platform.libc_ver()[0] or 'not glibc'}, left alone"
     if "MALLOC_ARENA_MAX" in os.environ:
         return f"glibc, MALLOC_ARENA_MAX={os.environ['MALLOC_ARENA_MAX']} from the environment"
-    from clipup_jax.train.host_memory import DEFAULT_ARENAS
+    from clipup_jax.workarounds import DEFAULT_ARENAS
 
     return f"glibc arenas capped at {DEFAULT_ARENAS} by clipup-train"
 

@@ -173,6 +173,10 @@ class TextConfig:
                                   "tokens, breaking the causal mask; use 'top_k' for text")
 
 
+# A tower's name (as users write it: `--towers image,text`) -> (its parameters' prefix, its ModelConfig field).
+TOWERS: dict[str, tuple[str, str]] = {"image": ("visual", "vision"), "text": ("text", "text")}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A two-tower CLIP."""
@@ -204,6 +208,27 @@ class ModelConfig:
     def is_sparse(self) -> bool:
         return self.vision.moe is not None or self.text.moe is not None
 
+    @property
+    def moe_towers(self) -> tuple[str, ...]:
+        """Names of the towers (`TOWERS`) that have MoE layers."""
+        return tuple(name for name, (_, field) in TOWERS.items() if getattr(self, field).moe is not None)
+
+    def with_moe(self, plan: "MoEPlan", towers: Sequence[str] = tuple(TOWERS)) -> "ModelConfig":
+        """This model with `plan` in `towers` (names in `TOWERS`), checked against each tower's depth."""
+        unknown = [t for t in towers if t not in TOWERS]
+        if unknown or not towers:
+            raise ConfigError(f"towers {list(towers)}: expected a non-empty subset of {', '.join(TOWERS)}")
+        changes = {}
+        for name in towers:
+            field = TOWERS[name][1]
+            tower = getattr(self, field)
+            try:
+                plan.validate(tower.depth)
+            except ConfigError as e:
+                raise ConfigError(f"{name} tower: {e}") from e
+            changes[field] = dataclasses.replace(tower, moe=plan)
+        return self.replace(**changes).validate()
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
@@ -220,6 +245,11 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
         return cls.from_dict(json.loads(text))
+
+
+def model_config(experiment: Any) -> ModelConfig:
+    """The typed model of an experiment config (its `model` field, an ml_collections ConfigDict)."""
+    return ModelConfig.from_dict(experiment.model.to_dict())
 
 
 def _check_positive(cfg: Any, prefix: str, names: Sequence[str]) -> None:

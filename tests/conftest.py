@@ -24,3 +24,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the xdist controller, or a 
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the tests' programs are small: cache all
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+from clipup_jax import workarounds  # noqa: E402  (after the environment above)
+
+workarounds.apply()  # as every CLI and train() do on entry; the tests call library functions directly

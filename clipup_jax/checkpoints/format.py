@@ -35,7 +35,7 @@ import tensorstore as ts
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.train_workdir import is_train_workdir, read_train_params
 from clipup_jax.checkpoints.params import check_params
-from clipup_jax.models.param_tree import abstract_params, nest
+from clipup_jax.models.param_tree import abstract_params, flatten, nest
 from clipup_jax.config import ConfigError, ModelConfig
 
 FORMAT_VERSION = 1
@@ -270,7 +270,7 @@ def _read_tree(directory: pathlib.Path, shapes: Mapping[str, jax.ShapeDtypeStruc
         ckptr.close()
     except Exception as e:
         raise CheckpointError(f"{directory}: cannot restore {what} ({type(e).__name__}: {e})") from e
-    return {k: np.asarray(v) for k, v in _flatten(restored).items()}
+    return {k: np.asarray(v) for k, v in flatten(restored).items()}
 
 
 def _leaf(value: Any) -> np.ndarray | LazyStack:
@@ -356,11 +356,3 @@ def _inside(root: pathlib.Path, rel: str) -> pathlib.Path:
     return target
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

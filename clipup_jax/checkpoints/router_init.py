@@ -20,11 +20,10 @@ from flax import nnx
 
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.params import model_from_params
-from clipup_jax.config import ModelConfig
+from clipup_jax.config import TOWERS, ModelConfig
 from clipup_jax.models.encoder import MlpInput
 from clipup_jax.models.param_tree import flat_name
 
-_TOWERS = (("visual", "vision"), ("text", "text"))  # (param prefix, config field)
 KMEANS_ITERATIONS = 50  # Lloyd iterations at most; it stops when no assignment changes
 
 
@@ -101,7 +100,8 @@ def cluster_routers(dense: ModelConfig, params: Mapping[str, np.ndarray], sparse
     examples = len(calibration.pixels)
     if len(calibration.tokens) != examples:
         raise CheckpointError(f"calibration batch: {examples} images but {len(calibration.tokens)} captions")
-    plans = [(prefix, getattr(sparse, field)) for prefix, field in _TOWERS if getattr(sparse, field).moe is not None]
+    plans = [(prefix, getattr(sparse, field)) for prefix, field in TOWERS.values()
+             if getattr(sparse, field).moe is not None]
     for _, tower in plans:
         if examples < tower.moe.num_experts:
             raise CheckpointError(f"calibration batch of {examples} examples is smaller than the "

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from clipup_jax.checkpoints.errors import CheckpointError
+from clipup_jax.models.param_tree import flatten
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -37,7 +38,7 @@ def read_tensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
         elif suffix == ".msgpack":
             from flax import serialization
 
-            tensors = _flatten(serialization.msgpack_restore(path.read_bytes()), sep="/")
+            tensors = flatten(serialization.msgpack_restore(path.read_bytes()))
         elif suffix in TORCH_SUFFIXES:
             tensors = _read_torch(path)
         else:
@@ -97,10 +98,3 @@ def _is_torchscript(path: pathlib.Path) -> bool:
         return any(n.endswith("/constants.pkl") or n.endswith("/code/") or "/code/" in n for n in zf.namelist())
 
 
-def _flatten(tree: Any, sep: str, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, sep, f"{prefix}{key}{sep}"))
-        return out
-    return {prefix[: -len(sep)]: tree}

@@ -42,9 +42,8 @@ from clipup_jax.checkpoints.params import check_params
 from clipup_jax.checkpoints.router_init import Calibration, cluster_routers
 from clipup_jax.models.layers import mlp_init_stds
 from clipup_jax.models.param_tree import abstract_params
-from clipup_jax.config import ConfigError, ModelConfig, MoEPlan
+from clipup_jax.config import TOWERS, ConfigError, ModelConfig, MoEPlan
 
-TOWERS = {"image": ("visual", "vision"), "text": ("text", "text")}  # name -> (param prefix, config field)
 TILED = ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias")
 _MLP_KEY = re.compile(r"^(?P<block>(?P<prefix>visual|text)/encoder/blocks/\d+/mlp)/(?P<leaf>\w+)$")
 _ROUTER, _DROP_SELECT, _DROP_INIT, _NOISE = range(4)  # independent random streams
@@ -70,9 +69,6 @@ class UpcycleOptions:
             raise ConfigError(f"shared-from {self.shared_from!r}: expected one of {', '.join(SHARED_FROM)}")
         if self.router_init == "kmeans" and not self.plan.router_init_std > 0:
             raise ConfigError("router_init='kmeans' scales the centroids by router_init_std: it must be > 0")
-        unknown = [t for t in self.towers if t not in TOWERS]
-        if unknown or not self.towers:
-            raise ConfigError(f"towers {list(self.towers)}: expected a non-empty subset of {', '.join(TOWERS)}")
         if not 0.0 <= self.drop_upcycling <= 1.0:
             raise ConfigError(f"drop-upcycling ratio {self.drop_upcycling} must be in [0, 1]")
         if not self.expert_noise >= 0.0:
@@ -98,22 +94,12 @@ class Upcycled:
 def sparse_config(dense: ModelConfig, opts: UpcycleOptions, source: str = "dense model") -> ModelConfig:
     """The dense config with `opts.plan` on the chosen towers; refuses an input that is already sparse."""
     if dense.is_sparse:
-        towers = [name for name, (_, field) in TOWERS.items() if getattr(dense, field).moe is not None]
-        raise CheckpointError(f"{source}: is already sparse (MoE in the {' and '.join(towers)} tower); "
+        raise CheckpointError(f"{source}: is already sparse (MoE in the {' and '.join(dense.moe_towers)} tower); "
                               "upcycling takes a dense checkpoint")
     opts.validate()
     if dense.shared_backbone and set(opts.towers) != set(TOWERS):
         raise ConfigError("a shared backbone serves both modalities: upcycle towers image,text together")
-    changes = {}
-    for name in opts.towers:
-        field = TOWERS[name][1]
-        tower = getattr(dense, field)
-        try:
-            opts.plan.validate(tower.depth)
-        except ConfigError as e:
-            raise ConfigError(f"{name} tower: {e}") from e
-        changes[field] = dataclasses.replace(tower, moe=opts.plan)
-    return dense.replace(**changes).validate()
+    return dense.with_moe(opts.plan, opts.towers)
 
 
 def key_rules(dense: ModelConfig, sparse: ModelConfig,

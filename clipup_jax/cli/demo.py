@@ -53,7 +53,7 @@ def _model_summary(config) -> dict[str, Any]:
     from clipup_jax.checkpoints.summary import active_params
     from clipup_jax.models.flops import image_flops, text_flops
     from clipup_jax.models.param_tree import abstract_params, count_params
-    from clipup_jax.train.trainer import model_config
+    from clipup_jax.config import model_config
 
     cfg = model_config(config)
     params = abstract_params(cfg)
@@ -152,7 +152,7 @@ def _figure(report: dict[str, Any], histories: dict[str, list[list[dict[str, Any
 def _equal_flops_steps(dense_config, sparse_config, arm_steps: int) -> int:
     """Dense steps costing what `arm_steps` CLIP-UP steps cost (training FLOPs, models/flops.py)."""
     from clipup_jax.models.flops import train_flops
-    from clipup_jax.train.trainer import model_config
+    from clipup_jax.config import model_config
 
     per_step = {name: train_flops(model_config(c), c.batch_size, 1) for name, c in
                 (("dense", dense_config), ("sparse", sparse_config))}

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
+from clipup_jax import workarounds
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.config import ConfigError
 
@@ -14,6 +15,7 @@ USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, ValueError, Time
 
 
 def run_cli(prog: str, body: Callable[[], int | None]) -> NoReturn:
+    workarounds.apply()
     try:
         code = body() or 0
     except USER_ERRORS as e:

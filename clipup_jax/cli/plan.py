@@ -37,13 +37,15 @@ def main(argv: list[str] | None = None) -> None:
 
         from clipup_jax.parallel.layout import format_layout
         from clipup_jax.parallel.memory_plan import format_plan, plan_memory
+        from clipup_jax.train.trainer import abstract_train_state
 
         config = load_config(args.config, overrides)
         memory = None if args.device_memory_gib is None else int(args.device_memory_gib * 2**30)
         if memory is None:
             stats = jax.local_devices()[0].memory_stats() or {}
             memory = stats.get("bytes_limit")
-        plan = plan_memory(config, args.devices or jax.device_count(), memory, args.platform)
+        plan = plan_memory(config, abstract_train_state(config)[3], args.devices or jax.device_count(), memory,
+                           args.platform)
         print(f"{args.config}:")
         print(format_layout(plan.layout, compact=True))
         print(format_plan(plan))

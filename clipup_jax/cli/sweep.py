@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
 from clipup_jax.train.configs import ConfigFileError, load_config, run_entry
-from clipup_jax.train.host_memory import cap_malloc_arenas
+from clipup_jax.workarounds import cap_malloc_arenas
 
 if TYPE_CHECKING:  # the report module imports jax: loaded when a sweep runs, not for --help or a bad sweep file
     from clipup_jax.train.sweep_report import Run

@@ -13,7 +13,7 @@ import sys
 
 from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
 from clipup_jax.train.configs import load_config, split_overrides
-from clipup_jax.train.host_memory import cap_malloc_arenas
+from clipup_jax.workarounds import cap_malloc_arenas
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,7 +38,6 @@ from typing import Any
 
 import grain
 import numpy as np
-from absl import flags
 from PIL import Image
 
 from clipup_jax.data.image_ops import CLIP_MEAN, CLIP_STD, preprocess
@@ -323,10 +322,6 @@ def _read_threads(read_threads: int | None, num_workers: int) -> int:
 def _prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if num_workers and not flags.FLAGS.is_parsed():
-        # grain <= 0.2.18 reads an absl flag when starting workers and raises UnparsedFlagAccessError in programs
-        # that do not run absl.app (google/grain#1355, fixed upstream by #1362): keep every flag at its default.
-        flags.FLAGS.mark_as_parsed()
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers)) if num_workers else ds
 
 

@@ -53,6 +53,18 @@ def count_params(params: Mapping[str, object]) -> int:
     return int(sum(np.prod(p.shape) for p in params.values()))
 
 
+def flatten(tree: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    """{'a': {'b': {'c': x}}} -> {'a/b/c': x}, the inverse of `nest`, for plain nested mappings (a checkpoint file's
+    tree: every key kept, a `value` key too; `tree_path_name` is for jax key paths through an `nnx.State`)."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def nest(flat: Mapping[str, object]) -> dict[str, object]:
     """{'a/b/c': x} -> {'a': {'b': {'c': x}}}: the tree layout Orbax stores flat names in."""
     tree: dict[str, object] = {}

@@ -28,13 +28,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
-from clipup_jax.config import ModelConfig, MoEPlan
+from clipup_jax.config import ModelConfig, MoEPlan, model_config
 from clipup_jax.models.expert_parallel import check_experts_fit
 from clipup_jax.models.flops import image_tokens
 from clipup_jax.models.routing import capacity
 from clipup_jax.parallel.layout import Layout, human_bytes, spec_axes, state_layout
 from clipup_jax.parallel.mesh import ordered_axes, resolve_shape, split_dcn
-from clipup_jax.parallel.sharding import data_parallel_size
+from clipup_jax.parallel.sharding import data_parallel_size, state_shardings
 
 # Param-sized float32 buffers the update holds besides the gradients: the new params (checked for non-finite
 # values before they replace the old ones) and the clipped, scaled update.
@@ -89,8 +89,6 @@ def abstract_mesh(mesh_shape: dict[str, int]) -> AbstractMesh:
 
 def abstract_state_shardings(config: ml_collections.ConfigDict, state: Any, mesh_shape: dict[str, int]) -> Any:
     """The trainer's shardings of `state` over an abstract mesh of `mesh_shape`."""
-    from clipup_jax.train.trainer import model_config, state_shardings  # deferred: train imports parallel
-
     return state_shardings(state, abstract_mesh(mesh_shape), model_config(config))
 
 
@@ -171,26 +169,22 @@ def gathered_weights(layout: Layout, config: ml_collections.ConfigDict, platform
                for r in layout.rows if any("fsdp" in axes for axes in spec_axes(r.spec, len(r.shape))))
     if effective_remat(config, platform) == "none":
         return full
-    cfg = ModelConfig.from_dict(config.model.to_dict())
+    cfg = model_config(config)
     return full // max(cfg.vision.depth, cfg.text.depth)
 
 
 PLATFORMS = ("accelerator", "cpu")
 
 
-def plan_memory(config: ml_collections.ConfigDict, num_devices: int, device_memory: int | None = None,
+def plan_memory(config: ml_collections.ConfigDict, state: Any, num_devices: int, device_memory: int | None = None,
                 platform: str = "accelerator") -> MemoryPlan:
-    """The memory plan of `config` on `num_devices` devices (no device needed: abstract shapes and specs).
+    """The memory plan of `config` on `num_devices` devices (no device needed: abstract shapes and specs), for
+    `state`, the trainer's abstract train state of `config` (`train.trainer.abstract_train_state`).
     `platform="cpu"` plans for XLA:CPU, where remat saves no memory (`effective_remat`)."""
-    from clipup_jax.train.trainer import model_config
-
     if platform not in PLATFORMS:
         raise ValueError(f"platform={platform!r}: expected one of {', '.join(PLATFORMS)}")
     mesh_shape = mesh_shape_for(config, num_devices)
     cfg = model_config(config)
-    from clipup_jax.train.trainer import abstract_train_state  # deferred: train imports parallel
-
-    state = abstract_train_state(config)[3]
     layout = state_layout(state, abstract_state_shardings(config, state, mesh_shape))
     local = config.batch_size // data_parallel_size(mesh_shape)
     parts = activation_estimate(cfg, config, local, platform)

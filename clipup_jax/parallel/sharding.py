@@ -10,14 +10,14 @@ dimension; otherwise that dimension stays replicated.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipup_jax.config import ModelConfig
-from clipup_jax.models.param_tree import abstract_params, logical_axes
+from clipup_jax.models.param_tree import abstract_params, logical_axes, tree_path_name
 from clipup_jax.parallel.mesh import AXIS_ORDER
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -78,3 +78,22 @@ def shard_params(params: Mapping[str, np.ndarray], shardings: Mapping[str, Named
     """Places host arrays; each device receives only its own slices."""
     return {name: jax.make_array_from_callback(np.shape(value), shardings[name], lambda idx, v=value: v[idx])
             for name, value in params.items()}
+
+
+def state_shardings(state: Any, mesh: Mesh, cfg: ModelConfig) -> Any:
+    """Shardings of a train state (any pytree whose `params` field is the parameter tree, concrete or abstract):
+    params by the logical-axis rules; optimizer moments like their parameter; everything else replicated."""
+    by_name = param_shardings(cfg, mesh)
+    shapes = {tree_path_name(path): tuple(leaf.shape)
+              for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        parts = tree_path_name(path).split("/")
+        for start in range(len(parts)):  # optimizer paths end with the parameter's own name
+            name = "/".join(parts[start:])
+            if name in by_name and tuple(leaf.shape) == shapes[name]:
+                return by_name[name]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, state)

@@ -19,7 +19,6 @@ import jax
 import orbax.checkpoint as ocp
 
 from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR, ITEMS
-from clipup_jax.train import tensorstore_leak
 
 def _data_args():
     import grain
@@ -29,7 +28,6 @@ def _data_args():
 
 class TrainCheckpoints:
     def __init__(self, workdir: pathlib.Path, *, keep: int, every: int, async_save: bool = True):
-        tensorstore_leak.plug()  # else every save leaks ~0.6 KiB per array (see the module)
         # Every `every` steps (and the last, forced): not Orbax's default extra save at a run's first step, a
         # full state write that no schedule asked for. Preemption notices (jax's multi-host sync) still save.
         policy = ocp.checkpoint_managers.AnySavePolicy([ocp.checkpoint_managers.FixedIntervalPolicy(every),

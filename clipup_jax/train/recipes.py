@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import ml_collections
 
-from clipup_jax.config import ModelConfig, MoEPlan, TextConfig, VisionConfig, preset
+from clipup_jax.config import TOWERS, ModelConfig, MoEPlan, TextConfig, VisionConfig, preset
 from clipup_jax.train.optimizer import DEFAULT_NO_DECAY
 
 # CLIP-UP's most plausible plan (shared/reference/paper.md): 8 experts, top-2, every other block of both towers.
@@ -14,9 +13,8 @@ CLIPUP_PLAN = MoEPlan(layers="every_2", num_experts=8, top_k=2, capacity_factor=
                       load_balancing_weight=0.01, z_loss_weight=0.001)
 
 
-def sparse(model: ModelConfig, plan: MoEPlan = CLIPUP_PLAN, towers: tuple[str, ...] = ("vision", "text")) -> ModelConfig:
-    changes = {t: dataclasses.replace(getattr(model, t), moe=plan) for t in towers}
-    return model.replace(**changes)
+def sparse(model: ModelConfig, plan: MoEPlan = CLIPUP_PLAN, towers: tuple[str, ...] = tuple(TOWERS)) -> ModelConfig:
+    return model.with_moe(plan, towers)
 
 
 def base_config(model: ModelConfig | str) -> ml_collections.ConfigDict:

@@ -14,13 +14,13 @@ from clipup_jax.checkpoints.format import load_checkpoint, read_metadata
 from clipup_jax.checkpoints.router_init import Calibration
 from clipup_jax.checkpoints.upcycle import UpcycleOptions, check_multiplet
 from clipup_jax.checkpoints.upcycle import upcycle as upcycle_params
-from clipup_jax.config import ModelConfig
+from clipup_jax.config import ModelConfig, model_config
 from clipup_jax.data import synthetic
 from clipup_jax.data.pipeline import calibration_batch, train_pipeline
 from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
 from clipup_jax.evaluate.run import EvalData, evaluate
-from clipup_jax.train.trainer import model_config, train
+from clipup_jax.train.trainer import train
 
 SYNTHETIC_IMAGE_SIZE = 64  # generated resolution; the pipeline resizes to the model's
 
@@ -80,8 +80,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     def upcycle(params: dict[str, np.ndarray], dense: ModelConfig, sparse: ModelConfig, seed: int):
         """Experts = copies of the dense MLPs (optionally noised / drop-upcycled, or from a multiplet of
         checkpoints), routers random or from clusters of the training data (config.upcycle)."""
-        towers = tuple(name for name, field in (("image", "vision"), ("text", "text"))
-                       if getattr(sparse, field).moe is not None)
+        towers = sparse.moe_towers
         plans = {getattr(sparse, field).moe for field in ("vision", "text")} - {None}
         if len(plans) != 1:
             raise ValueError("upcycling from config.init.checkpoint needs one MoE plan shared by the sparse towers")

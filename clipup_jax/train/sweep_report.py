@@ -21,7 +21,7 @@ import ml_collections
 from clipup_jax.evaluate.stats import CONFIDENCE, Interval, mean_interval, paired_interval, summarize
 from clipup_jax.models.flops import train_flops
 from clipup_jax.train.metrics_log import read_history
-from clipup_jax.train.trainer import model_config
+from clipup_jax.config import model_config
 
 METRICS = ("text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1",
            "image_to_text_R@5", "image_to_text_R@10", "zero_shot_top1")

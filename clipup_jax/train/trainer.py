@@ -14,25 +14,24 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from clipup_jax.checkpoints.format import TOKENIZER_DIR, load_checkpoint, metadata_dict, read_metadata, write_metadata
 from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR
 from clipup_jax.checkpoints.params import assign_params, check_params
-from clipup_jax.config import ModelConfig
+from clipup_jax.config import ModelConfig, model_config
 from clipup_jax.data.tokenizer import source_files
 from clipup_jax.models import CLIP
 from clipup_jax.models.expert_parallel import check_experts_fit
 from clipup_jax.parallel.layout import report_layout
 from clipup_jax.parallel.mesh import make_mesh
-from clipup_jax.parallel.sharding import batch_spec, data_parallel_size, param_shardings
+from clipup_jax.parallel.sharding import batch_spec, data_parallel_size, param_shardings, state_shardings
 from clipup_jax.train.checkpointing import TrainCheckpoints, abstract_like
-from clipup_jax.train.host_memory import release_free_memory
 from clipup_jax.train.metrics_log import MetricsLog, scalar_metrics
-from clipup_jax.models.param_tree import tree_path_name
 from clipup_jax.train.losses import make_contrastive_loss
 from clipup_jax.train.optimizer import make_optimizer, schedule as make_schedule
 from clipup_jax.train.step import TrainState, flops_per_step, init_state, make_train_step, nonfinite_check_names
+from clipup_jax.workarounds import apply as apply_workarounds, release_free_memory
 
 DataFactory = Callable[[ModelConfig, int, int], Iterator[dict[str, np.ndarray]]]
 EvalFn = Callable[[CLIP, int], dict[str, float]]
@@ -89,31 +88,6 @@ class _NonFiniteGuard:
         if self.verbose:
             print(f"warning: step {step}: not finite: {culprits}; update skipped "
                   f"({self.skipped} skipped in this run)", flush=True)
-
-
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    return ModelConfig.from_dict(config.model.to_dict())
-
-
-def state_shardings(state: TrainState, mesh, cfg: ModelConfig) -> TrainState:
-    """Params by the logical-axis rules; optimizer moments like their parameter; everything else replicated."""
-    by_name = param_shardings(cfg, mesh)
-    shapes = {name: tuple(leaf.shape) for name, leaf in _flat(state.params).items()}
-    replicated = NamedSharding(mesh, P())
-
-    def pick(path, leaf):
-        parts = tree_path_name(path).split("/")
-        for start in range(len(parts)):  # optimizer paths end with the parameter's own name
-            name = "/".join(parts[start:])
-            if name in by_name and tuple(leaf.shape) == shapes[name]:
-                return by_name[name]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, state)
-
-
-def _flat(params: nnx.State) -> dict[str, Any]:
-    return {tree_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def _dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
@@ -270,6 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
           upcycle: Callable | None = None) -> dict[str, Any]:
     """Runs (or resumes) `config` in `workdir`; returns this run's logged metrics and evaluations (read back from
     metrics.jsonl: a long run keeps none of them in memory) and the final params."""
+    apply_workarounds()  # for programs that call the library, not a CLI
     workdir = pathlib.Path(workdir)
     check_config(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)

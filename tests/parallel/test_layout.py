@@ -14,7 +14,9 @@ from clipup_jax.parallel.layout import format_layout, state_layout
 from clipup_jax.parallel.memory_plan import abstract_mesh
 from clipup_jax.parallel.mesh import make_mesh
 from clipup_jax.train.recipes import base_config, sparse
-from clipup_jax.train.trainer import abstract_train_state, model_config, state_shardings
+from clipup_jax.config import model_config
+from clipup_jax.parallel.sharding import state_shardings
+from clipup_jax.train.trainer import abstract_train_state
 
 MODEL = sparse(ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, depth=4, heads=2, mlp_dim=64),
                            text=TextConfig(vocab_size=64, context_length=8, width=32, depth=2, heads=2, mlp_dim=64),

@@ -9,9 +9,9 @@ import pytest
 
 from clipup_jax.cli.plan import main as plan_main
 from clipup_jax.config import ModelConfig, MoEPlan, TextConfig, VisionConfig
-from clipup_jax.parallel.memory_plan import plan_memory
+from clipup_jax.parallel.memory_plan import MemoryPlan, plan_memory
 from clipup_jax.train.recipes import base_config, sparse
-from clipup_jax.train.trainer import check_config, lower_train_step
+from clipup_jax.train.trainer import abstract_train_state, check_config, lower_train_step
 from tests.cli_helpers import invoke
 
 # Activations dominate the step temporaries here (65 image tokens, 8 examples per device, 33 K params), so the
@@ -20,7 +20,7 @@ MODEL = ModelConfig(vision=VisionConfig(image_size=32, patch_size=4, width=32, d
                     text=TextConfig(vocab_size=64, context_length=16, width=32, depth=1, heads=2, mlp_dim=64),
                     embed_dim=16)
 CASES = {  # two compiles keep this file quick; a dense data-parallel step measured 0.92 as well
-    "sparse_every_2": (sparse(MODEL, MoEPlan(num_experts=4, top_k=2, capacity_factor=1.5), towers=("vision",)), "none",
+    "sparse_every_2": (sparse(MODEL, MoEPlan(num_experts=4, top_k=2, capacity_factor=1.5), towers=("image",)), "none",
                        {"data": 2, "expert": 4}),
     "dense_remat_full_fsdp": (MODEL, "full", {"data": 2, "fsdp": 4}),
 }
@@ -42,7 +42,7 @@ def _config(name: str) -> ml_collections.ConfigDict:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_plan_matches_the_compiled_step(name):
     config = _config(name)
-    plan = plan_memory(config, 8, platform="cpu")
+    plan = _plan(config, 8, platform="cpu")
     # Lowered exactly as the trainer runs it; buffer assignment does not depend on the LLVM optimisation level.
     stats = lower_train_step(config).compile({"xla_backend_optimization_level": 0}).memory_analysis()
     assert stats.argument_size_in_bytes == plan.argument_bytes  # state + batch, per device, to the byte
@@ -50,13 +50,17 @@ def test_plan_matches_the_compiled_step(name):
     assert TEMP_RATIO[0] <= ratio <= TEMP_RATIO[1], (name, plan.temp_bytes, stats.temp_size_in_bytes)
 
 
+
+def _plan(config: ml_collections.ConfigDict, num_devices: int, **kwargs) -> MemoryPlan:
+    return plan_memory(config, abstract_train_state(config)[3], num_devices, **kwargs)
+
 def test_plan_scales_with_the_mesh():
     """Params and moments split over fsdp (dense) and expert (MoE); the batch over every data-like axis."""
     config = _config("sparse_every_2")
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1})
-    one = plan_memory(config, 1)
+    one = _plan(config, 1)
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 2, "expert": 4})
-    eight = plan_memory(config, 8)
+    eight = _plan(config, 8)
     assert one.layout.params_bytes == one.layout.global_param_bytes
     assert eight.layout.params_bytes < one.layout.params_bytes / 2
     assert eight.layout.opt_bytes == 2 * eight.layout.params_bytes + (one.layout.opt_bytes - 2 * one.layout.params_bytes)
@@ -64,19 +68,19 @@ def test_plan_scales_with_the_mesh():
     assert eight.batch_bytes * 8 == one.batch_bytes
     remat = _config("dense_remat_full_fsdp")
     remat.remat = "none"
-    none = plan_memory(remat, 8)
+    none = _plan(remat, 8)
     remat.remat = "full"
-    assert plan_memory(remat, 8).activation_bytes < none.activation_bytes
-    assert plan_memory(remat, 8, platform="cpu").activation_bytes == none.activation_bytes  # XLA:CPU keeps it all
+    assert _plan(remat, 8).activation_bytes < none.activation_bytes
+    assert _plan(remat, 8, platform="cpu").activation_bytes == none.activation_bytes  # XLA:CPU keeps it all
 
 
 @pytest.mark.parametrize("experts, expert_axis", [(4, 8), (4, 2), (3, 2), (6, 4)])
 def test_trainer_and_planner_accept_and_refuse_the_same_expert_meshes(experts, expert_axis):
-    config = base_config(sparse(MODEL, MoEPlan(num_experts=experts, top_k=2), towers=("vision",)))
+    config = base_config(sparse(MODEL, MoEPlan(num_experts=experts, top_k=2), towers=("image",)))
     config.batch_size = 64
     config.mesh = ml_collections.ConfigDict({"data": 8 // expert_axis, "fsdp": 1, "expert": expert_axis})
     verdicts = []
-    for check in (lambda: plan_memory(config, 8), lambda: check_config(config)):
+    for check in (lambda: _plan(config, 8), lambda: check_config(config)):
         try:
             check()
             verdicts.append("accepted")

@@ -13,7 +13,9 @@ from clipup_jax.models.param_tree import tree_path_name
 from clipup_jax.parallel.mesh import make_mesh
 from clipup_jax.train.checkpointing import TrainCheckpoints, abstract_like
 from clipup_jax.train.recipes import base_config, sparse
-from clipup_jax.train.trainer import abstract_train_state, model_config, state_shardings, train
+from clipup_jax.config import model_config
+from clipup_jax.parallel.sharding import state_shardings
+from clipup_jax.train.trainer import abstract_train_state, train
 
 # Small enough that the one compile (the train step on data=2 x expert=4) dominates; only block 1 of the image
 # tower is a MoE layer.
@@ -24,7 +26,7 @@ EXPERT_KERNEL = "visual/encoder/blocks/1/mlp/fc1_kernel"  # (4 experts, 32, 64)
 
 
 def _config(mesh: dict[str, int]) -> ml_collections.ConfigDict:
-    config = base_config(sparse(TINY, MoEPlan(num_experts=4, top_k=2), towers=("vision",)))
+    config = base_config(sparse(TINY, MoEPlan(num_experts=4, top_k=2), towers=("image",)))
     config.batch_size = 8
     config.total_steps = 2
     config.optim.warmup_steps = 1

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 # Counts glibc heaps (main arena + thread arenas) after threads that allocate concurrently, with jax started.
 PROGRAM = """
 import ctypes, os, sys, tempfile, threading
-from clipup_jax.train.host_memory import cap_malloc_arenas
+from clipup_jax.workarounds import cap_malloc_arenas
 print(cap_malloc_arenas())
 import jax.numpy as jnp
 libc = ctypes.CDLL("libc.so.6")

@@ -1,0 +1,141 @@
+"""Work-arounds for upstream problems, all here, each naming its problem; `tests/test_workarounds.py` fails when one
+stops working or is no longer needed (the library was fixed: delete the work-around).
+
+`apply()` installs the ones that cost nothing (idempotent); every CLI calls it on entry (`cli.errors.run_cli`), and
+so does `train()` for programs that call the library directly. The malloc arena cap has a price and must come
+before the first thread, so only the long-running entry points (clipup-train, clipup-sweep) call
+`cap_malloc_arenas()`, first thing.
+
+1. **TensorStore `Spec.to_json()` leaks** (tensorstore 0.1.78-0.1.86 at least): each call leaves one reference too
+   many on every key and value of the dict it returns, about 60 bytes per JSON scalar. Orbax calls it once or
+   twice per array per save (`KvStore.Spec(...).to_json()` for each array's OCDBT spec, `Spec.to_json()` for its
+   Zarr metadata), so a long run's host memory grew with every checkpoint (`benchmarks/soak.py`). `repr()` of the
+   same spec renders the same JSON as a Python literal and does not leak, so `to_json()` with no arguments is
+   answered from it; the plug goes in only where a probe finds the leak.
+2. **grain reads absl flags when it starts worker processes** (grain <= 0.2.18, google/grain#1355, fixed upstream
+   by #1362) and raises `UnparsedFlagAccessError` in programs that do not run `absl.app`: the flags are marked
+   parsed, so every one keeps its default.
+3. **glibc's per-thread malloc arenas fragment** (sourceware bug 11261): a thread that finds the heap busy gets an
+   arena of its own, up to 8 per core; XLA's, TensorStore's, Orbax's and grain's threads spread short-lived
+   buffers over all of them, and fragmented arenas are seldom returned to the OS (the soak's training process
+   grew several MiB per 1,000 steps with glibc's default). The cap binds only arenas created after it. Its price
+   is malloc contention between threads (`benchmarks/host_memory.py`); an explicit `MALLOC_ARENA_MAX`, or
+   tcmalloc / jemalloc preloaded, is the user's choice and is left alone. `release_free_memory()` hands freed
+   pages back after a save or an eval.
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import functools
+import os
+import sys
+import threading
+from typing import Any, Callable
+
+DEFAULT_ARENAS = 2
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def apply() -> None:
+    """Installs work-arounds 1 and 2 (idempotent)."""
+    plug_tensorstore_to_json()
+    _mark_absl_flags_parsed()
+
+
+# --- 1. TensorStore Spec.to_json() leak -------------------------------------------------------------------------
+
+_PLUGGED: dict[type, Any] = {}  # class -> its own `to_json` attribute (pybind11's method descriptor, restorable)
+
+
+def tensorstore_to_json_leaks(calls: int = 200) -> bool:
+    """Whether TensorStore's own `KvStore.Spec.to_json()` leaves memory behind: a leak-free call nets zero Python
+    allocations, a leaking one 4 for this 2-key spec (half that is the threshold: no false alarm from noise)."""
+    import tensorstore as ts
+
+    spec = ts.KvStore.Spec({"driver": "file", "path": "/clipup-leak-probe/"})
+    to_json = _PLUGGED[ts.KvStore.Spec].__get__(spec) if _PLUGGED else spec.to_json
+    to_json()
+    before = sys.getallocatedblocks()
+    for _ in range(calls):
+        to_json()
+    return sys.getallocatedblocks() - before >= 2 * calls
+
+
+def _to_json_from_repr(original: Any, prefix: str) -> Callable:
+    def to_json(self: Any, *args: Any, **kwargs: Any) -> Any:
+        text = repr(self)
+        if args or kwargs or not (text.startswith(prefix) and text.endswith(")")):
+            return original.__get__(self)(*args, **kwargs)
+        try:
+            return ast.literal_eval(text[len(prefix):-1])
+        except (ValueError, SyntaxError):  # something repr does not render as a literal: be correct, not lean
+            return original.__get__(self)()
+
+    to_json.__doc__ = original.__doc__
+    return to_json
+
+
+def plug_tensorstore_to_json() -> bool:
+    """Installs the repr-based `to_json` on `ts.Spec` and `ts.KvStore.Spec` when TensorStore leaks; idempotent.
+    Returns whether the plug is (now) installed."""
+    import tensorstore as ts
+
+    if not _PLUGGED and tensorstore_to_json_leaks():
+        for cls, prefix in ((ts.Spec, "Spec("), (ts.KvStore.Spec, "KvStore.Spec(")):
+            _PLUGGED[cls] = cls.__dict__["to_json"]
+            cls.to_json = _to_json_from_repr(_PLUGGED[cls], prefix)
+    return bool(_PLUGGED)
+
+
+def unplug_tensorstore_to_json() -> None:
+    """Restores TensorStore's own methods (for tests)."""
+    for cls, original in _PLUGGED.items():
+        cls.to_json = original
+    _PLUGGED.clear()
+
+
+# --- 2. grain's absl flags --------------------------------------------------------------------------------------
+
+def _mark_absl_flags_parsed() -> None:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+# --- 3. glibc malloc arenas -------------------------------------------------------------------------------------
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (musl and macOS have neither arenas to cap nor malloc_trim)."""
+    try:
+        libc = ctypes.CDLL(None)  # symbols already loaded: no library search, no subprocess
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+def cap_malloc_arenas(arenas: int = DEFAULT_ARENAS) -> str:
+    """Caps glibc's arena count at `arenas` unless the user chose an allocator setting; says what it did."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return f"malloc arenas: MALLOC_ARENA_MAX={os.environ['MALLOC_ARENA_MAX']} (from the environment)"
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if "tcmalloc" in preloaded or "jemalloc" in preloaded:
+        return "malloc arenas: left to the preloaded allocator"
+    libc = _glibc()
+    if libc is None:
+        return "malloc arenas: not glibc, left alone"
+    if threading.active_count() > 1:  # arenas may exist already; the cap would be partial, and misleading
+        return f"malloc arenas: not capped ({threading.active_count()} threads already running)"
+    if libc.mallopt(_M_ARENA_MAX, arenas) != 1:
+        return "malloc arenas: mallopt refused the cap"
+    return f"malloc arenas: capped at {arenas} (set MALLOC_ARENA_MAX to choose)"
+
+
+def release_free_memory() -> None:
+    """Hands freed heap pages in every arena back to the OS (glibc `malloc_trim`; elsewhere a no-op)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
