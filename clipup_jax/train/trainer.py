@@ -7,6 +7,7 @@ import json
 import pathlib
 import shutil
 import signal
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -261,17 +262,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
         if main_process:
             report_layout(abstract, shardings, workdir)  # printed, and the full table in layout.txt
         data_iter = data(cfg, jax.process_index(), jax.process_count())
+        started = time.perf_counter()
         if resuming:  # straight into the shardings; the init checkpoint is not read again
             try:
                 state, _ = checkpoints.restore(abstract_like(abstract, shardings), data_iter)
             except ValueError as e:
                 raise ValueError(f"{workdir}: its checkpoint does not fit this config's train state (model or "
                                  f"optimizer changed since it was written?): {str(e).splitlines()[0]}") from e
-            print(f"resumed from {workdir / 'checkpoints'} at step {int(state.step)}", flush=True)
+            print(f"resumed from {workdir / 'checkpoints'} at step {int(state.step)} "
+                  f"(restored in {time.perf_counter() - started:.1f}s)", flush=True)
         else:
             state = _init_train_state(config, cfg, tx, mesh, shardings, _init_params(config, cfg, upcycle))
             if main_process:
                 _write_workdir_metadata(workdir, cfg, tokenizer, config)
+                source = config.init.checkpoint or f"a random init (config.seed={config.seed})"
+                print(f"train state from {source} in {time.perf_counter() - started:.1f}s", flush=True)
 
         batch_sharding = batch_shardings(mesh)
         step_fn = _jit_step(config, graphdef, tx, schedule, shardings, mesh)
@@ -285,13 +290,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
         flops = None
         skipped = 0  # examples the pipeline dropped (corrupt images, empty captions), summed over this run
         start_step = int(state.step)
+        if start_step >= config.total_steps and main_process:
+            print(f"{workdir}: finished, at step {start_step} of config.total_steps={config.total_steps}: nothing to "
+                  f"train (raise config.total_steps to continue)", flush=True)
         try:
             for step in range(start_step + 1, config.total_steps + 1):
                 local = next(data_iter)
                 skipped += int(local.get("num_skipped", 0))
                 batch = global_batch(local)
                 if flops is None:
+                    started = time.perf_counter()
+                    if main_process:
+                        print("compiling the train step ...", flush=True)
                     flops = flops_per_step(step_fn.lower(state, batch).compile())
+                    if main_process:
+                        print(f"compiled the train step in {time.perf_counter() - started:.1f}s "
+                              f"({flops / 1e9:.3g} GFLOP per step)", flush=True)
                 state, metrics = step_fn(state, batch)
                 last = step == config.total_steps
                 stopping = bool(preempted)  # read once: the save below and the break agree

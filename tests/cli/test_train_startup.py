@@ -1,0 +1,36 @@
+"""What clipup-train says while it starts: how it got its train state (and how long that took), that it is
+compiling and then the compile time, and, relaunched on a finished run, that the run is finished."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+from clipup_jax.cli.train import main as train_main
+from tests.cli_helpers import invoke
+
+EXPERIMENT = str(pathlib.Path(__file__).parents[2] / "experiments" / "demo.py")
+TINY = ["--config.model.vision.width=32", "--config.model.vision.mlp_dim=64", "--config.model.vision.heads=2",
+        "--config.model.vision.depth=1", "--config.model.text.width=32", "--config.model.text.mlp_dim=64",
+        "--config.model.text.heads=2", "--config.model.text.depth=1", "--config.model.embed_dim=16",
+        "--config.batch_size=16", "--config.eval_every=0", "--config.log_every=1", "--config.checkpoint_every=2",
+        "--config.data.synthetic_size=64", "--config.optim.warmup_steps=1", "--config.total_steps=2"]
+
+
+def test_start_up_says_what_it_does_and_a_finished_run_says_so(tmp_path, capsys):
+    argv = ["--config", EXPERIMENT, "--workdir", tmp_path / "run", *TINY]
+    code, out, err = invoke(train_main, argv, capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    state = next(i for i, line in enumerate(lines) if line.startswith("train state from a random init (config.seed=0) in "))
+    compiling = lines.index("compiling the train step ...")
+    compiled = next(i for i, line in enumerate(lines) if re.fullmatch(
+        r"compiled the train step in \d+\.\ds \([\d.e+]+ GFLOP per step\)", line))
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("[step 1/2]"))
+    assert state < compiling < compiled < first_step
+
+    code, out, err = invoke(train_main, argv, capsys)
+    assert code == 0, err
+    assert re.search(r"resumed from .*checkpoints at step 2 \(restored in \d+\.\ds\)", out)
+    assert f"{tmp_path / 'run'}: finished, at step 2 of config.total_steps=2: nothing to train" in out
+    assert "[step" not in out and "compiling" not in out
