@@ -115,21 +115,28 @@ def tokenizer_path(directory: pathlib.Path, metadata: Mapping[str, Any]) -> path
 
 
 def check_output(out: pathlib.Path, force: bool) -> None:
-    """Refuses an output that exists (unless `force`) or has no parent, before any expensive work."""
+    """Refuses an output that exists (unless `force`) or lies below a file, before any expensive work (missing
+    parent directories are made by `atomic_directory`)."""
     out = pathlib.Path(out)
     if out.exists() and not force:
         raise CheckpointError(f"{out}: already exists (pass --force to replace it)")
-    if not out.parent.is_dir():
-        raise CheckpointError(f"{out.parent}: output parent directory does not exist")
+    existing = next(p for p in out.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise CheckpointError(f"{existing}: is not a directory, so {out} cannot be made below it")
 
 
 def atomic_directory(out: pathlib.Path, force: bool, fill: Callable[[pathlib.Path], None]) -> None:
-    """Runs `fill(tmp)` and renames `tmp` to `out`; on any error nothing is left behind."""
+    """Runs `fill(tmp)` and renames `tmp` to `out`, making `out`'s missing parent directories; on any error
+    nothing is left behind (the parents it made included)."""
     out = pathlib.Path(out)
     check_output(out, force)
     tag = uuid.uuid4().hex[:8]
     tmp = out.parent / f".{out.name}.tmp-{tag}"
+    made = [p for p in reversed(out.absolute().parents) if not p.exists()]  # outermost first
+    done = False
     try:
+        for parent in made:
+            parent.mkdir()
         tmp.mkdir()
         fill(tmp)
         if out.exists():
@@ -139,8 +146,12 @@ def atomic_directory(out: pathlib.Path, force: bool, fill: Callable[[pathlib.Pat
             shutil.rmtree(old)
         else:
             tmp.rename(out)
+        done = True
     finally:
         _remove(tmp)
+        for parent in reversed(made if not done else []):
+            if parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()
 
 
 def _remove(tmp: pathlib.Path, attempts: int = 50) -> None:

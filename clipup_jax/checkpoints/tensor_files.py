@@ -24,6 +24,9 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 def read_tensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     """All tensors of one file, floats upcast to float32, keyed by their flat name."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; give the weights file in it (.safetensors, .npz, .msgpack, "
+                              f"or {'/'.join(TORCH_SUFFIXES)})")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     suffix = path.suffix.lower()

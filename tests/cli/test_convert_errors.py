@@ -62,6 +62,7 @@ CASES = [
     ("preset-mismatch", ["--from", "openai", "{openai.safetensors}", "--model", "ViT-B-16"], "vision.width: file 32"),
     ("unknown-format", ["--from", "onnx", "{openai.safetensors}"], "onnx"),
     ("missing-src", ["--from", "openai", "{openai.safetensors}/nope.pt"], "nope.pt"),
+    ("src-is-a-directory", ["--from", "openai", "{open_clip}"], "open_clip: is a directory; give the weights file"),
     ("wrong-suffix", ["--from", "openai", "{notes.txt}"], ".txt"),
     ("open-clip-no-activation", ["--from", "open_clip", "{open_clip}/model.safetensors"], "--activation"),
     ("hf-not-a-dir", ["--from", "hf", "{openai.safetensors}"], "model directory"),
@@ -113,3 +114,13 @@ def test_refused_pickle_never_runs(tmp_path, capsys):
 def test_inspect_not_a_checkpoint(tmp_path, capsys):
     code, out, err = invoke(convert, ["inspect", tmp_path], capsys)
     assert code != 0 and "clipup.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_output_parents_are_made_and_removed_again_on_failure(sources, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "ckpt"
+    code, _, err = invoke(convert, ["import", "--from", "openai", sources["openai.safetensors"], "--out", out], capsys)
+    assert code == 0 and (out / "clipup.json").is_file(), err
+    failed = tmp_path / "other" / "ckpt"
+    code, _, err = invoke(convert, ["import", "--from", "openai", sources["missing.safetensors"], "--out", failed],
+                          capsys)
+    assert code != 0 and not (tmp_path / "other").exists(), err  # the parent it made is gone again
