@@ -43,6 +43,21 @@ def _load_npy(path: pathlib.Path, what: str, ndim: int) -> np.ndarray:
     return array
 
 
+def _captions(path: pathlib.Path) -> list[str]:
+    """One caption per line; a blank line or a table row is a mistake, not a caption."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read captions ({e})") from e
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"{path}: line {i} is empty; --texts takes one caption per line")
+        if "\t" in line:
+            raise ValueError(f"{path}: line {i} holds a tab; --texts takes one caption per line, not a table "
+                             f"(give the caption column alone)")
+    return lines
+
+
 def _image_batches(paths: list[pathlib.Path], size: int, batch: int) -> Iterator[np.ndarray]:
     for start in range(0, len(paths), batch):
         yield np.stack([load_image(p, size) for p in paths[start:start + batch]])
@@ -60,7 +75,11 @@ def _embed(args: argparse.Namespace) -> None:
     results: dict[str, np.ndarray] = {"logit_scale": np.float32(embedder.logit_scale)}
     t0 = time.perf_counter()
     if args.pixels is not None:
-        pixels = _load_npy(args.pixels, "pixels", 4).astype(np.float32)
+        pixels = _load_npy(args.pixels, "pixels", 4)
+        if not np.issubdtype(pixels.dtype, np.floating):
+            raise ValueError(f"{args.pixels}: pixels must be float (the normalised model input), got {pixels.dtype}; "
+                             f"for image files use --images")
+        pixels = pixels.astype(np.float32)
         if pixels.shape[1:] != (size, size, 3):
             raise ValueError(f"{args.pixels}: pixels must be (N, {size}, {size}, 3) for this checkpoint, got {pixels.shape}")
         results["image_features"] = embedder.images(chunks(pixels, args.batch_size))
@@ -80,7 +99,7 @@ def _embed(args: argparse.Namespace) -> None:
     elif args.texts is not None:
         if ckpt.tokenizer_path is None:
             raise ValueError(f"{args.checkpoint}: has no tokenizer; pass --tokens, or import with --tokenizer")
-        captions = [line.rstrip("\n") for line in args.texts.read_text(encoding="utf-8").splitlines()]
+        captions = _captions(args.texts)
         tokens = Tokenizer.from_path(ckpt.tokenizer_path)(captions, context_length=cfg.text.context_length)
         results["text_features"] = embedder.texts(chunks(tokens, args.batch_size))
     atomic_file(args.out, lambda f: np.savez(f, **results))

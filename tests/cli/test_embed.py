@@ -18,7 +18,7 @@ from tests.cli_helpers import invoke, leftovers
 from tests.numerics import scaled_error
 
 CAPTIONS = ["a photo of a red circle", "Two small BLUE squares above a large green triangle!",
-            "naïve café &amp; 123 dogs", "", "the the the the the the the the the the the the the the the the"]
+            "naïve café &amp; 123 dogs", "the the the the the the the the the the the the the the the the"]
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,12 @@ BAD = [
     ("not-npy", lambda d: (d / "x.npy").write_text("hello"), ["--pixels", "{x}"], "x.npy"),
     ("corrupt-image", lambda d: (d / "bad.png").write_bytes(b"\x89PNG broken"), ["--images", "{bad}"], "bad.png"),
     ("nothing", lambda d: None, [], "nothing to embed"),
+    ("pixels-uint8", lambda d: np.save(d / "x.npy", np.zeros((2, 24, 24, 3), np.uint8)), ["--pixels", "{x}"],
+     "pixels must be float"),
+    ("texts-blank-line", lambda d: (d / "caps.txt").write_text("a red circle\n\na blue square\n"),
+     ["--texts", "{caps}"], "caps.txt: line 2 is empty"),
+    ("texts-table", lambda d: (d / "caps.txt").write_text("0.jpg\ta red circle\n"), ["--texts", "{caps}"],
+     "caps.txt: line 1 holds a tab"),
 ]
 
 
@@ -107,7 +113,8 @@ def test_bad_embed_input(case, setup, tmp_path, capsys):
     _, make, argv, needle = case
     root, model, ckpt = setup
     make(tmp_path)
-    argv = [a.replace("{x}", str(tmp_path / "x.npy")).replace("{bad}", str(tmp_path / "bad.png")) for a in argv]
+    argv = [a.replace("{x}", str(tmp_path / "x.npy")).replace("{bad}", str(tmp_path / "bad.png"))
+            .replace("{caps}", str(tmp_path / "caps.txt")) for a in argv]
     code, out, err = invoke(embed, ["--checkpoint", ckpt, *argv, "--out", tmp_path / "o.npz"], capsys)
     assert code != 0 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o.npz").exists() and leftovers(tmp_path) == []
