@@ -62,7 +62,9 @@ def read_hf_config(directory: pathlib.Path) -> ModelConfig:
     if eos not in (2, vocab - 1):
         # transformers pools at the first eos id unless eos_token_id == 2; that is argmax pooling only
         # when eos is the largest id, as in the CLIP BPE.
-        raise CheckpointError(f"{path}: text_config.eos_token_id={eos} pools at a token other than the largest id")
+        raise CheckpointError(f"{path}: text_config.eos_token_id={eos} pools at a token other than the largest id "
+                              f"({vocab - 1}), which this project's towers pool at (CLIP's EOT); if the tokenizer's "
+                              f"end-of-text token is {vocab - 1}, set eos_token_id to {vocab - 1} in config.json")
     try:
         return ModelConfig(
             vision=VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),

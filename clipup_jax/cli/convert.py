@@ -51,9 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--config", type=pathlib.Path, metavar="FILE.py",
                     help="a file whose get_config() returns an ml_collections.ConfigDict of the settings below "
                          "(and any other MoE plan field); replaces the upcycling flags")
-    up.add_argument("--num-experts", type=int, metavar="E", help="experts per MoE layer")
-    up.add_argument("--top-k", type=int, metavar="K", help="experts per token")
-    up.add_argument("--moe-layers", metavar="LAYERS", help="every_2, last_N, or block indices i,j,...")
+    up.add_argument("--num-experts", type=int, metavar="E", help="experts per MoE layer (required unless --config)")
+    up.add_argument("--top-k", type=int, metavar="K", help="experts per token (required unless --config)")
+    up.add_argument("--moe-layers", metavar="LAYERS",
+                    help="every_2, last_N, or block indices i,j,... (required unless --config)")
     up.add_argument("--towers", metavar="TOWERS", help="towers to upcycle: image,text (default both)")
     up.add_argument("--router-init-std", type=float, metavar="S",
                     help="std of the new routers' normal init (default 0.02)")

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="clipup-data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     write = commands.add_parser("write", help="build ArrayRecord shards from images + captions",
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                description=__doc__)
     write.add_argument("--images", type=pathlib.Path, required=True, help="folder holding the images")
     write.add_argument("--captions", type=pathlib.Path, required=True, help=".tsv/.csv (path, caption) or .txt")
     write.add_argument("--out", type=pathlib.Path, required=True, help="output folder (must not exist)")

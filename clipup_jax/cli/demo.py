@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
+from clipup_jax.cli.errors import Parser, run_cli
 
 # Continued from the one parent, each once per seed; paired by seed in the comparisons.
 ARMS = ("dense", "dense-equal-flops", "clip-up")
@@ -238,7 +238,6 @@ def _demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     from clipup_jax.train.recipes import demo_config
 
-    quiet_libraries()
     parser = Parser(prog="clipup-demo", description=__doc__)
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("out/demo"))
     parser.add_argument("--force", action="store_true", help="replace a non-empty --workdir")

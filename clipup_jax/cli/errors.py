@@ -15,7 +15,10 @@ USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, ValueError, Time
 
 
 def run_cli(prog: str, body: Callable[[], int | None]) -> NoReturn:
+    """Every CLI's body runs here: with the work-arounds applied and routine library logging quieted, and
+    its user errors turned into one line."""
     workarounds.apply()
+    _quiet_libraries()
     try:
         code = body() or 0
     except USER_ERRORS as e:
@@ -28,14 +31,19 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> NoReturn:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with the same one-line error format as `run_cli` (no usage dump)."""
+    """argparse with the same one-line error format as `run_cli` (no usage dump), and descriptions and epilogs
+    shown as written (their usage examples and lists keep their lines)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
-def quiet_libraries() -> None:
+def _quiet_libraries() -> None:
     """Orbax and grain log routine absl warnings (read-only managers, missing optional metadata) that would
     bury the progress lines; errors still show."""
     from absl import logging as absl_logging

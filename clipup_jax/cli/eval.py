@@ -11,7 +11,7 @@ import json
 import pathlib
 import sys
 
-from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
+from clipup_jax.cli.errors import Parser, run_cli
 from clipup_jax.train.configs import load_config, split_overrides
 
 
@@ -42,7 +42,6 @@ def _evaluate(checkpoint: pathlib.Path, config_path: pathlib.Path, overrides: li
 
 
 def main(argv: list[str] | None = None) -> None:
-    quiet_libraries()
     overrides, argv = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = Parser(prog="clipup-eval", description=__doc__)
     parser.add_argument("--checkpoint", type=pathlib.Path, required=True, help="checkpoint dir or training workdir")

@@ -14,12 +14,11 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
+from clipup_jax.cli.errors import Parser, run_cli
 from clipup_jax.train.configs import load_config, split_overrides
 
 
 def main(argv: list[str] | None = None) -> None:
-    quiet_libraries()
     overrides, argv = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = Parser(prog="clipup-plan", description=__doc__)
     parser.add_argument("--config", type=pathlib.Path, required=True, help="experiment file exposing get_config()")

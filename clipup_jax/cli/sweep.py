@@ -18,7 +18,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING
 
-from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
+from clipup_jax.cli.errors import Parser, run_cli
 from clipup_jax.train.configs import ConfigFileError, load_config, run_entry
 from clipup_jax.workarounds import cap_malloc_arenas
 
@@ -107,7 +107,6 @@ def _sweep(path: pathlib.Path, workdir: pathlib.Path, seeds: int, dry_run: bool,
 
 def main(argv: list[str] | None = None) -> None:
     cap_malloc_arenas()  # first: before any library starts a thread
-    quiet_libraries()
     parser = Parser(prog="clipup-sweep", description=__doc__)
     parser.add_argument("sweep", type=pathlib.Path)
     parser.add_argument("--workdir", type=pathlib.Path, required=True)

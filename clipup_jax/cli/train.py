@@ -11,14 +11,13 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from clipup_jax.cli.errors import Parser, quiet_libraries, run_cli
+from clipup_jax.cli.errors import Parser, run_cli
 from clipup_jax.train.configs import load_config, split_overrides
 from clipup_jax.workarounds import cap_malloc_arenas
 
 
 def main(argv: list[str] | None = None) -> None:
     arenas = cap_malloc_arenas()  # first: before any library starts a thread
-    quiet_libraries()
     overrides, argv = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = Parser(prog="clipup-train", description=__doc__)
     parser.add_argument("--config", type=pathlib.Path, required=True, help="experiment file exposing get_config()")

@@ -46,6 +46,12 @@ def sources(tmp_path_factory) -> dict[str, pathlib.Path]:
     cfg["text_config"]["hidden_act"] = "relu"
     (bad_config / "config.json").write_text(json.dumps(cfg))
     (bad_config / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
+    bad_eos = root / "hf_bad_eos"
+    bad_eos.mkdir()
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["text_config"]["eos_token_id"] = 5
+    (bad_eos / "config.json").write_text(json.dumps(cfg))
+    (bad_eos / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes())
     (root / "existing").mkdir()
     (root / "existing" / "keep.txt").write_text("precious")
     return {p.name: p for p in root.iterdir()}
@@ -68,6 +74,9 @@ CASES = [
     ("hf-not-a-dir", ["--from", "hf", "{openai.safetensors}"], "model directory"),
     ("hf-no-config", ["--from", "hf", "{open_clip}"], "config.json"),
     ("hf-bad-activation", ["--from", "hf", "{hf_bad_act}"], "hidden_act='relu'"),
+    ("hf-bad-eos", ["--from", "hf", "{hf_bad_eos}"], "eos_token_id=5 pools at a token other than the largest id "
+                                                       "(39), which this project's towers pool at (CLIP's EOT); "
+                                                       "if the tokenizer's end-of-text token is 39, set eos_token_id"),
     ("tokenizer-vocab", ["--from", "hf", "{hf}", "--tokenizer", "{tok}"], "515 tokens"),
     ("bad-activation-flag", ["--from", "openai", "{openai.safetensors}", "--activation", "relu"], "relu"),
 ]
