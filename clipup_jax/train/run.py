@@ -55,14 +55,14 @@ def eval_data_for(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Ev
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     cfg = model_config(config)
+    train_source = _source(config.data.train, config, config.data.synthetic_size)  # a bad path fails here:
+    workdir.mkdir(parents=True, exist_ok=True)  # before anything is written
     tokenizer_path = tokenizer_for(config, workdir)
     tokenizer = Tokenizer.from_path(tokenizer_path)
     if tokenizer.vocab_size > cfg.text.vocab_size:
         raise ValueError(f"{tokenizer_path}: tokenizer has {tokenizer.vocab_size} tokens but "
                          f"config.model.text.vocab_size is {cfg.text.vocab_size}")
-    train_source = _source(config.data.train, config, config.data.synthetic_size)
 
     def data(model_cfg: ModelConfig, process_index: int, process_count: int):
         pipeline = train_pipeline(

@@ -1,5 +1,6 @@
 """What clipup-train says while it starts: how it got its train state (and how long that took), that it is
-compiling and then the compile time, and, relaunched on a finished run, that the run is finished."""
+compiling and then the compile time, and, relaunched on a finished run, that the run is finished; a training data
+path that does not exist fails before anything is written."""
 
 from __future__ import annotations
 
@@ -34,3 +35,10 @@ def test_start_up_says_what_it_does_and_a_finished_run_says_so(tmp_path, capsys)
     assert re.search(r"resumed from .*checkpoints at step 2 \(restored in \d+\.\ds\)", out)
     assert f"{tmp_path / 'run'}: finished, at step 2 of config.total_steps=2: nothing to train" in out
     assert "[step" not in out and "compiling" not in out
+
+
+def test_a_missing_training_table_fails_before_anything_is_written(tmp_path, capsys):
+    argv = ["--config", EXPERIMENT, "--workdir", tmp_path / "run", *TINY, f"--config.data.train=csv:{tmp_path}/gone.tsv"]
+    code, out, err = invoke(train_main, argv, capsys)
+    assert code == 2 and "gone.tsv does not exist" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()  # no workdir, no tokenizer_trained in it
