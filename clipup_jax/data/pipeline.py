@@ -33,6 +33,7 @@ import io
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,15 +60,16 @@ class Skipped:
     reason: str
 
 
-_skips_seen = 0
+_logged_keys: set = set()  # records already reported in this process: a bad file warns once, not every epoch
 
 
-def _note_skip(reason: str) -> Skipped:
-    global _skips_seen
-    _skips_seen += 1
-    if _skips_seen <= _LOGGED_SKIPS:
-        log.warning("skipping example: %s%s", reason, " (further skips not logged)" * (_skips_seen == _LOGGED_SKIPS))
-    return Skipped(reason)
+def _note_skip(key: Any, reason: str) -> Skipped:
+    """Counted every time (``num_skipped``); logged the first time this record is skipped, up to _LOGGED_SKIPS."""
+    if key not in _logged_keys and len(_logged_keys) < _LOGGED_SKIPS:
+        _logged_keys.add(key)
+        last = len(_logged_keys) == _LOGGED_SKIPS
+        log.warning("skipping example %s: %s%s", key, reason, " (further skipped records not logged)" * last)
+    return Skipped(f"{key}: {reason}")
 
 
 # ----- record -> image / captions ------------------------------------------------------------------------------------
@@ -106,7 +108,8 @@ def decode_image(record: dict, draft_size: int | None = None) -> Image.Image | s
             return f"empty image {image.size}"
         return _to_rgb(image)
     except Exception as e:  # noqa: BLE001 - PIL raises many types on corrupt data; none may stop a run
-        return f"cannot decode image ({type(e).__name__}: {e})"
+        message = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "these bytes", str(e))  # not a memory address
+        return f"cannot decode image ({type(e).__name__}: {message})"
 
 
 def usable_captions(record: dict) -> list[str]:
@@ -182,10 +185,10 @@ class TrainExample:
     def __call__(self, record: dict, rng: np.random.Generator) -> dict | Skipped:
         captions = usable_captions(record)
         if not captions:
-            return _note_skip(f"{record.get(KEY)}: no usable caption")
+            return _note_skip(record.get(KEY), "no usable caption")
         image = decode_image(record, self._draft)
         if isinstance(image, str):
-            return _note_skip(f"{record.get(KEY)}: {image}")
+            return _note_skip(record.get(KEY), image)
         box = random_resized_crop_box(*image.size, rng, self.crop_scale, self.crop_ratio)
         size = (self.image_size, self.image_size)
         pixels = normalise(image.resize(size, Image.Resampling.BICUBIC, box=box))
@@ -215,7 +218,7 @@ class EvalExample:
         captions = usable_captions(record)[: self.max_captions]
         image = decode_image(record) if captions else "no usable caption"
         if isinstance(image, str):
-            _note_skip(f"{record.get(KEY)}: {image}")
+            _note_skip(record.get(KEY), image)
             return self.empty(index, 1)
         out = self.empty(index, 0)
         out["pixels"] = preprocess(image, self.image_size)

@@ -124,6 +124,21 @@ def test_train_batches_shapes_range_and_tokens(tokenizer, odd_files):
     assert 2 * 4 <= skipped <= 3 * 4  # 4 bad rows per epoch; the last epoch's trailing ones may not be reached
 
 
+def test_a_bad_record_is_counted_every_epoch_and_logged_once_by_name(tokenizer, odd_files, caplog, monkeypatch):
+    from clipup_jax.data import pipeline
+
+    monkeypatch.setattr(pipeline, "_logged_keys", set())  # what earlier tests in this process reported
+    ds = train_pipeline(make_source(f"csv:{odd_files}/odd.tsv"), tokenizer=tokenizer, image_size=SIZE,
+                        context_length=LENGTH, batch_size=3, seed=0)
+    with caplog.at_level("WARNING", logger=pipeline.log.name):
+        it = iter(ds)
+        skipped = sum(int(next(it)["num_skipped"]) for _ in range(6))  # 3 epochs
+    warned = [r.getMessage() for r in caplog.records if "skipping example" in r.getMessage()]
+    assert skipped >= 8 and len(warned) == 4, warned  # each of the 4 bad rows once, however many epochs
+    assert any("corrupt.jpg" in w and "cannot decode image" in w for w in warned), warned
+    assert not any("BytesIO object at" in w for w in warned), warned
+
+
 def test_drop_skipped_counts_exactly_per_batch():
     elements = [{"x": 1}, Skipped("a"), Skipped("b"), {"x": 2}, {"x": 3}, Skipped("c"), {"x": 4}]
     ds = DropSkipped(grain.MapDataset.source(elements).to_iter_dataset()).batch(2, batch_fn=collate)
