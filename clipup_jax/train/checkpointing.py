@@ -18,7 +18,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR, ITEMS
+from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR, ITEMS, STATE_ITEM
+from clipup_jax.models.param_tree import tree_path_name
 
 def _data_args():
     import grain
@@ -53,10 +54,13 @@ class TrainCheckpoints:
 
         A step that fails to read (a truncated or missing file after a crash or disk trouble) is reported and
         the previous one is tried, so a damaged checkpoint never becomes a crash loop; if none reads, the error of
-        the newest is raised.
+        the newest is raised. A step that reads but holds another model (its arrays' names or shapes differ from
+        `abstract_state`'s) is not damaged: that is one ValueError naming the differences, and no fallback.
         """
         _, restore_data = _data_args()
         steps = sorted(self.manager.all_steps(), reverse=True)
+        if steps:
+            self._check_same_state(steps[0], abstract_state)
         first_error: Exception | None = None
         for step in steps:
             items = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -71,12 +75,33 @@ class TrainCheckpoints:
                               f"({type(e).__name__}: {reason}); falling back to an earlier step", stacklevel=2)
         raise first_error if first_error else FileNotFoundError(f"{self.manager.directory}: no checkpoint steps")
 
+    def _check_same_state(self, step: int, abstract_state: Any) -> None:
+        directory = (pathlib.Path(self.manager.directory) / str(step) / STATE_ITEM).resolve()
+        try:
+            tree = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
+        except Exception:  # unreadable metadata: a damaged step, which restore's fallback handles
+            return
+        saved, want = _shapes(tree), _shapes(abstract_state)
+        if saved == want:
+            return
+        differ = [f"{k}: checkpoint {saved[k]}, config {want[k]}" for k in sorted(saved.keys() & want.keys())
+                  if saved[k] != want[k]]
+        differ += [f"{k}: only in the checkpoint" for k in sorted(saved.keys() - want.keys())]
+        differ += [f"{k}: only in the config" for k in sorted(want.keys() - saved.keys())]
+        params = [d for d in differ if d.startswith("params/")] or differ
+        more = f" (and {len(params) - 4} more)" if len(params) > 4 else ""
+        raise ValueError(f"step {step} holds another model: {'; '.join(params[:4])}{more}")
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {tree_path_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

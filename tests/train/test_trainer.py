@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import pathlib
 
 import jax
@@ -180,7 +181,7 @@ def test_resume_into_a_different_mesh(tmp_path):
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path):
     """Disk trouble after a save: the newest step's array data is truncated. Resume warns, naming the step,
     restores the previous complete step, and finishes; the damaged step is never loaded as garbage."""
-    run_experiment(_config(steps=6), tmp_path / "run")  # saves at 3 and 6 (and the first step)
+    run_experiment(_config(steps=6), tmp_path / "run")  # saves at 3 and 6
     damaged = tmp_path / "run" / "checkpoints" / "6" / "state"
     data_files = [p for p in damaged.rglob("*") if p.is_file() and p.stat().st_size > 64 and "d" in p.parts]
     assert data_files, sorted(str(p) for p in damaged.rglob("*"))
@@ -199,3 +200,16 @@ def test_loading_a_workdir_skips_a_damaged_step(tmp_path):
     with pytest.warns(UserWarning, match="trying an earlier step"):
         ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt.metadata["step"] == 3
+
+
+def test_resume_with_another_model_names_the_difference_and_does_not_fall_back(tmp_path):
+    """A checkpoint of another model is not a damaged one: one error naming what differs, no step-by-step fallback
+    through every checkpoint (each reported 'unreadable'), no traceback from Orbax."""
+    run_experiment(_config(steps=3), tmp_path / "run")
+    other = _config(TINY.replace(embed_dim=8), steps=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # an 'unreadable, falling back' warning fails the test
+        with pytest.raises(ValueError, match=r"step 3 holds another model: params/\S+proj/kernel: checkpoint "
+                                             r"\(32, 16\), config \(32, 8\)") as info:
+            run_experiment(other, tmp_path / "run")
+    assert "\n" not in str(info.value)
