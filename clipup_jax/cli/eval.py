@@ -34,8 +34,8 @@ def _evaluate(checkpoint: pathlib.Path, config_path: pathlib.Path, overrides: li
     step = ckpt.metadata.get("step")
     print(f"{checkpoint}{f' (step {step})' if step is not None else ''} on {config.data.eval}, "
           f"{metrics.pop('eval_images'):.0f} images / {metrics.pop('eval_captions'):.0f} captions:")
-    for key, value in metrics.items():
-        print(f"  {key:<34}{100 * value:6.2f}")
+    for key, value in metrics.items():  # fractions, as the trainer's eval lines and the --out JSON have them
+        print(f"  {key:<34}{value:.4f}")
     if out is not None:
         atomic_file(out, lambda f: f.write(json.dumps({"checkpoint": str(checkpoint), "step": step, **metrics},
                                                       indent=2).encode() + b"\n"))

@@ -25,6 +25,9 @@ def test_eval_a_training_workdir(tmp_path, capsys):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["step"] == 2 and 0 <= metrics["text_to_image_R@10"] <= 1 and "zero_shot_top1" in metrics
     assert "24 images / 72 captions" in out
+    table = out.split("24 images / 72 captions:\n")[1].splitlines()
+    shown = {line.split()[0]: float(line.split()[1]) for line in table if line.startswith("  ")}
+    assert shown["text_to_image_R@10"] == round(metrics["text_to_image_R@10"], 4)  # the same units as training
 
 
 def test_sweep_dry_run_and_bad_override(tmp_path, capsys):
