@@ -10,16 +10,16 @@ import json
 import pathlib
 import sys
 import time
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, TextIO
 
 import numpy as np
 
 
 class MetricsLog:
-    def __init__(self, workdir: pathlib.Path, total_steps: int, enabled: bool = True, stream=sys.stdout):
+    def __init__(self, workdir: pathlib.Path, total_steps: int, enabled: bool = True, stream: TextIO | None = None):
         self.total_steps = total_steps
         self.enabled = enabled
-        self.stream = stream
+        self.stream = stream  # None: sys.stdout as it is when a line is printed (a redirect after import holds)
         self._start = time.perf_counter()
         self._last: tuple[float, int] | None = None
         self._tb = None
@@ -55,7 +55,7 @@ class MetricsLog:
             shown = " ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
             rate = (f" | {rates['examples_per_s']:.1f} ex/s, {rates['step_time_s'] * 1e3:.0f} ms/step, "
                     f"ETA {_duration(rates['eta_s'])}") if rates else ""
-            print(f"[step {step}/{self.total_steps}] {shown}{rate}", file=self.stream, flush=True)
+            print(f"[step {step}/{self.total_steps}] {shown}{rate}", file=self.stream or sys.stdout, flush=True)
         return rates
 
     def this_run(self) -> dict[str, list[dict[str, float]]]:
