@@ -133,7 +133,6 @@ def atomic_directory(out: pathlib.Path, force: bool, fill: Callable[[pathlib.Pat
     tag = uuid.uuid4().hex[:8]
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     made = [p for p in reversed(out.absolute().parents) if not p.exists()]  # outermost first
-    done = False
     try:
         for parent in made:
             parent.mkdir()
@@ -146,12 +145,12 @@ def atomic_directory(out: pathlib.Path, force: bool, fill: Callable[[pathlib.Pat
             shutil.rmtree(old)
         else:
             tmp.rename(out)
-        done = True
-    finally:
+    except BaseException:
         _remove(tmp)
-        for parent in reversed(made if not done else []):
+        for parent in reversed(made):  # innermost first; only those this call made, and only if still empty
             if parent.exists() and not any(parent.iterdir()):
                 parent.rmdir()
+        raise
 
 
 def _remove(tmp: pathlib.Path, attempts: int = 50) -> None:

@@ -28,6 +28,12 @@ def tree_path_name(path: tuple) -> str:
     return "/".join(p for p in parts if p not in ("value", "raw_value"))
 
 
+def path_shapes(tree: object) -> dict[str, tuple[int, ...]]:
+    """Flat name (`tree_path_name`) -> shape of every leaf of a jax pytree (a train state, its abstract form, or
+    Orbax's metadata of one)."""
+    return {tree_path_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 @functools.lru_cache(maxsize=16)
 def _abstract_params(cfg: ModelConfig) -> tuple[tuple[tuple, nnx.Variable], ...]:
     """Traced once per config (a start-up asks several times); callers only read it."""

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipup_jax.config import ModelConfig
-from clipup_jax.models.param_tree import abstract_params, logical_axes, tree_path_name
+from clipup_jax.models.param_tree import abstract_params, logical_axes, path_shapes, tree_path_name
 from clipup_jax.parallel.mesh import AXIS_ORDER
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -84,8 +84,7 @@ def state_shardings(state: Any, mesh: Mesh, cfg: ModelConfig) -> Any:
     """Shardings of a train state (any pytree whose `params` field is the parameter tree, concrete or abstract):
     params by the logical-axis rules; optimizer moments like their parameter; everything else replicated."""
     by_name = param_shardings(cfg, mesh)
-    shapes = {tree_path_name(path): tuple(leaf.shape)
-              for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    shapes = path_shapes(state.params)
     replicated = NamedSharding(mesh, P())
 
     def pick(path, leaf):

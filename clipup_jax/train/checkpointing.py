@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR, ITEMS, STATE_ITEM
-from clipup_jax.models.param_tree import tree_path_name
+from clipup_jax.models.param_tree import path_shapes
 
 def _data_args():
     import grain
@@ -81,7 +81,7 @@ class TrainCheckpoints:
             tree = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
         except Exception:  # unreadable metadata: a damaged step, which restore's fallback handles
             return
-        saved, want = _shapes(tree), _shapes(abstract_state)
+        saved, want = path_shapes(tree), path_shapes(abstract_state)
         if saved == want:
             return
         differ = [f"{k}: checkpoint {saved[k]}, config {want[k]}" for k in sorted(saved.keys() & want.keys())
@@ -98,10 +98,6 @@ class TrainCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    return {tree_path_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import ml_collections
 
 from clipup_jax.config import TOWERS, ModelConfig, MoEPlan, TextConfig, VisionConfig, preset
