@@ -21,9 +21,9 @@ both towers, capacity factor 1.25) with bfloat16 compute (parameters float32), t
    the device's peak bf16 FLOP/s from PEAK_TFLOPS; "of matmul" divides by a large bf16 matmul
    measured in the same run instead.
 
-Paths: `einsum` (one-hot dispatch/combine), `sorted + padded` (scatter into per-expert
-buffers, batched matmul), `sorted + ragged_dot` (`jax.lax.ragged_dot`: grouped kernels on
-GPU/TPU), `sorted + pallas` (the Megablox TPU kernel: run on TPU only, reported as skipped
+Paths: `einsum` (one-hot dispatch/combine), `padded` (scatter into per-expert
+buffers, batched matmul), `ragged_dot` (rows sorted by expert, `jax.lax.ragged_dot`: grouped kernels on
+GPU/TPU), `pallas` (sorted, the Megablox TPU kernel: run on TPU only, reported as skipped
 elsewhere, where it would run in interpret mode). Prints one markdown table; `--out` also
 writes the results as JSON. Rows that do not fit in `--budget-s` are reported as skipped.
 """
@@ -63,10 +63,8 @@ GOALS = {"dense": 0.45, "sparse": 0.35}  # MFU on an H100/H200-class GPU
 TOLERANCE = 0.05  # max Euclidean distance between an L2-normalised bf16 feature row and the float32 one
 SMOKE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 # In run order: the grouped kernel first, since it is the accelerator path (rows past --budget-s are skipped).
-PATHS = {"sorted + ragged_dot": dict(dispatch="sorted", grouped_matmul="ragged_dot"),
-         "sorted + padded": dict(dispatch="sorted", grouped_matmul="padded"), "einsum": dict(dispatch="einsum"),
-         "sorted + pallas": dict(dispatch="sorted", grouped_matmul="pallas")}
-REFERENCE = dict(dispatch="dense_reference")  # every expert on every token: the float32 reference
+PATHS = {name: dict(dispatch=name, eval_dispatch=name) for name in ("ragged_dot", "padded", "einsum", "pallas")}
+REFERENCE = dict(dispatch="dense_reference", eval_dispatch="dense_reference")  # every expert on every token, f32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +178,7 @@ def _time_steps(cfg: ModelConfig, params: dict[str, np.ndarray], batch_size: int
         batch = {k: jnp.asarray(v) for k, v in inputs(cfg, batch_size).items()}
     step = _compile(jax.jit(make_train_step(graphdef, tx, "clip", schedule), donate_argnums=0), smoke, state, batch)
     for _ in range(2):
-        state, metrics = step(state, batch)
+        state, metrics, _ = step(state, batch)
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise FloatingPointError(f"{cfg.vision.moe}: train step loss is {loss}")
@@ -188,7 +186,7 @@ def _time_steps(cfg: ModelConfig, params: dict[str, np.ndarray], batch_size: int
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(sz.steps):
-            state, metrics = step(state, batch)
+            state, metrics, _ = step(state, batch)
         jax.block_until_ready(metrics["loss"])
         blocks.append((time.perf_counter() - t0) / sz.steps)
     return statistics.median(blocks)
@@ -230,7 +228,7 @@ def run(smoke: bool = False, batch: int = 256, budget_s: float = 300.0, dtype: A
     for kind, name, path, cfg in models:
         row: dict[str, Any] = {"model": name, "kind": kind, "path": path}
         rows.append(row)
-        if path == "sorted + pallas" and device.platform != "tpu":
+        if path == "pallas" and device.platform != "tpu":
             row["skipped"] = "Megablox kernel is TPU-only (interpret mode elsewhere)"
             continue
         if time.perf_counter() - start > budget_s:
@@ -241,8 +239,20 @@ def run(smoke: bool = False, batch: int = 256, budget_s: float = 300.0, dtype: A
         except Exception as e:  # one failing path must not cost the others' rows on a one-shot device run
             row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", correct=False)
         print(f"  {name} [{path}]: {row}", file=sys.stderr, flush=True)
+    inference_batch = 2 if smoke else 64
+    inference_rows = None
+    if time.perf_counter() - start <= budget_s:
+        from benchmarks import inference  # it imports this module's helpers
+
+        try:
+            with jax.default_device(device):
+                configs = inference.models(smoke)
+                inference_rows = inference.table(configs, inference_batch, inference.measure(
+                    configs, inference_batch, reps=3, dtype=dtype), device.platform)
+        except Exception as e:
+            inference_rows = [f"inference rows FAILED: {type(e).__name__}: {_cell(str(e).splitlines()[0][:300])}"]
     return {"device": device.device_kind, "platform": device.platform, "devices": jax.device_count(),
-            "jax": jax.__version__, "dtype": jnp.dtype(dtype).name, "smoke": smoke,
+            "jax": jax.__version__, "dtype": jnp.dtype(dtype).name, "smoke": smoke, "inference": inference_rows,
             "peak_tflops": peak / 1e12 if peak else None, "matmul_tflops": matmul / 1e12, "matmul_n": sz.matmul,
             "tolerance": TOLERANCE, "rows": rows, "seconds": time.perf_counter() - start,
             "goals": goals(rows, peak is not None and not smoke)}
@@ -302,6 +312,8 @@ def table(report: dict[str, Any]) -> str:
         best = f"{g['best_mfu']:.1%}" if g["best_mfu"] is not None else "-"
         verdict = {True: "met", False: "not met", None: "not judged (smoke run or unknown peak)"}[g["met"]]
         lines.append(f"\n{kind} goal MFU >= {g['goal']:.0%}: best {best}, {verdict}")
+    lines += ["", f"Inference ({report['dtype']}, `benchmarks/inference.py`'s models, interleaved medians of 3): "]
+    lines += report["inference"] or ["skipped: time budget spent"]
     return "\n".join(lines)
 
 

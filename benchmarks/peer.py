@@ -179,7 +179,7 @@ def build(cfg: ModelConfig, batch: int) -> Sides:
     holder = {"state": state}
 
     def ours_step() -> float:
-        holder["state"], metrics = step(holder["state"], jbatch)
+        holder["state"], metrics, _ = step(holder["state"], jbatch)
         return float(metrics["loss"])
 
     loss_err = tuple(abs(o - h) / abs(h) for o, h in ((ours_step(), hf_step()), (ours_step(), hf_step())))

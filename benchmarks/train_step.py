@@ -48,11 +48,10 @@ def dense_model(width: int, text_width: int, depth: int, image_size: int, patch:
 
 
 def clipup(dense: ModelConfig, capacity_factor: float = 1.25, num_experts: int = 8,
-           dispatch: str = "sorted", grouped_matmul: str = "padded") -> ModelConfig:
+           dispatch: str = "padded") -> ModelConfig:
     """The dense model upcycled: `num_experts` experts, top-2, every other block of both towers."""
     return sparse(dense, MoEPlan(num_experts=num_experts, top_k=2, capacity_factor=capacity_factor,
-                                 eval_capacity_factor=capacity_factor, dispatch=dispatch,
-                                 grouped_matmul=grouped_matmul))
+                                 eval_capacity_factor=capacity_factor, dispatch=dispatch, eval_dispatch=dispatch))
 
 
 def batch_for(cfg: ModelConfig, batch: int, seed: int = 0) -> dict[str, jax.Array]:
@@ -93,7 +92,7 @@ def measure(models: dict[str, ModelConfig], batch_size: int, reps: int) -> dict[
             jax.block_until_ready(mm(a))
             return
         h = holders[name]
-        h["state"], metrics = h["compiled"](h["state"], batch)
+        h["state"], metrics, _ = h["compiled"](h["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
     names = ["matmul", *models]
@@ -153,7 +152,7 @@ def section(quick: bool = False, width: int = 768, text_width: int = 512, depth:
             f"{jax.default_backend()}, rows interleaved, median of {reps}).",
             "",
             f"Same active size: {_describe(dense, batch)}. CLIP-UP = the dense model upcycled to 8 experts, top-2, "
-            "every other block of both towers, `sorted` dispatch with padded buffers, at each capacity factor (cf). "
+            "every other block of both towers, `padded` dispatch (scatter/gather buffers), at each capacity factor (cf). "
             "Model FLOPs are analytic (3 x forward, the experts each token reaches); XLA's own count also includes "
             f"dispatch and capacity padding. Reference: a {MATMUL}^3 float32 matmul timed in the same loop, "
             f"{d['peak'] / 1e9:.0f} GFLOP/s.",

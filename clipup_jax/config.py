@@ -21,8 +21,9 @@ class ConfigError(ValueError):
 
 
 ROUTERS: tuple[str, ...] = ("top_k", "expert_choice")
-DISPATCHES: tuple[str, ...] = ("einsum", "sorted", "dense_reference")
-GROUPED_MATMULS: tuple[str, ...] = ("padded", "ragged_dot", "pallas")
+# How an MoE layer moves tokens to its experts (`clipup_jax.models.dispatcher` decides what "auto" means and
+# which choices a mesh or a mode refuses).
+DISPATCHES: tuple[str, ...] = ("auto", "einsum", "padded", "ragged_dot", "pallas", "expert_loop", "dense_reference")
 EP_TRANSPORTS: tuple[str, ...] = ("all_to_all", "allgather")
 
 
@@ -46,8 +47,8 @@ class MoEPlan:
     router_init_std: float = 0.02
     capacity_factor: float | None = 1.25  # training; None = dropless
     eval_capacity_factor: float | None = 2.0
-    dispatch: str = "einsum"
-    grouped_matmul: str = "padded"  # the `sorted` dispatch's grouped matmul
+    dispatch: str = "auto"  # training; one of DISPATCHES
+    eval_dispatch: str = "auto"  # inference and periodic eval
     ep_transport: str = "all_to_all"  # how tokens reach experts when the mesh has an `expert` axis > 1
     load_balancing_weight: float = 0.01  # Switch
     z_loss_weight: float = 0.001  # ST-MoE
@@ -82,7 +83,7 @@ class MoEPlan:
         if not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"moe.top_k={self.top_k}: must be in 1..num_experts ({self.num_experts})")
         for name, value, allowed in (("router", self.router, ROUTERS), ("dispatch", self.dispatch, DISPATCHES),
-                                     ("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS),
+                                     ("eval_dispatch", self.eval_dispatch, DISPATCHES),
                                      ("ep_transport", self.ep_transport, EP_TRANSPORTS)):
             if value not in allowed:
                 raise ConfigError(f"moe.{name}={value!r}: expected one of {', '.join(allowed)}")
@@ -259,10 +260,31 @@ def _check_positive(cfg: Any, prefix: str, names: Sequence[str]) -> None:
             raise ConfigError(f"{prefix}.{name}={value!r}: must be a positive integer")
 
 
+# Checkpoints written before the dispatch names were made honest (one `dispatch` for both modes, with
+# `grouped_matmul` naming the sorted path's backend) still load, meaning what they meant.
+_LEGACY_DISPATCH = {("einsum", "padded"): "einsum", ("sorted", "padded"): "padded",
+                    ("sorted", "ragged_dot"): "ragged_dot", ("sorted", "pallas"): "pallas",
+                    ("dense_reference", "padded"): "dense_reference"}
+
+
+def _upgrade_dispatch(data: dict[str, Any]) -> dict[str, Any]:
+    if "grouped_matmul" not in data:
+        return data
+    data = dict(data)
+    old = (data.get("dispatch", "einsum"), data.pop("grouped_matmul"))
+    if old not in _LEGACY_DISPATCH:
+        raise ConfigError(f"moe: dispatch={old[0]!r} with grouped_matmul={old[1]!r} has no current equivalent; "
+                          f"expected dispatch one of {', '.join(DISPATCHES)}")
+    data["dispatch"] = _LEGACY_DISPATCH[old]
+    return data
+
+
 def _from_dict(cls: type, data: Any, where: str) -> Any:
     """Builds a nested config dataclass, refusing unknown fields so typos never pass silently."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    if cls is MoEPlan:
+        data = _upgrade_dispatch(data)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

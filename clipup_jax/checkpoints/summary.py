@@ -77,12 +77,12 @@ def describe(ckpt: Checkpoint) -> str:
 def _plan(plan: MoEPlan, depth: int) -> str:
     blocks = ",".join(str(i) for i in plan.layer_indices(depth))
     routing = f"top-{plan.top_k}" if plan.router == "top_k" else "expert choice"
-    return (f"{plan.num_experts} experts, {routing}, blocks {blocks} (dispatch {plan.dispatch}, capacity "
-            f"{_factor(plan.capacity_factor)} train / {_factor(plan.eval_capacity_factor)} eval)")
+    return (f"{plan.num_experts} experts, {routing}, blocks {blocks} (train: {_factor(plan.capacity_factor)}, "
+            f"dispatch {plan.dispatch}; eval: {_factor(plan.eval_capacity_factor)}, dispatch {plan.eval_dispatch})")
 
 
 def _factor(capacity_factor: float | None) -> str:
-    return "dropless" if capacity_factor is None else f"{capacity_factor:g}"
+    return "dropless" if capacity_factor is None else f"capacity {capacity_factor:g}"
 
 
 def _si(flops: int) -> str:

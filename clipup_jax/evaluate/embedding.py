@@ -25,7 +25,11 @@ def _encode_text(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) ->
 
 
 class Embedder:
-    """Runs `encode_image` / `encode_text` over arrays of any length in padded batches."""
+    """Runs `encode_image` / `encode_text` over arrays of any length in batches of `batch_size`.
+
+    A short last batch is padded to `batch_size`, reusing the program the full batches compiled; an input
+    shorter than one batch runs at its own size (one compile, and no work on padding rows).
+    """
 
     def __init__(self, model: CLIP, batch_size: int = 64):
         if batch_size < 1:
@@ -49,7 +53,7 @@ class Embedder:
         out = []
         for batch in batches:
             n = batch.shape[0]
-            if n < self.batch_size:  # pad rather than recompile for the last, short batch
+            if n < self.batch_size and out:  # the last, short batch: pad rather than compile another shape
                 pad = np.zeros((self.batch_size - n,) + batch.shape[1:], batch.dtype)
                 batch = np.concatenate([batch, pad])
             out.append(np.asarray(fn(self._state, batch))[:n])

@@ -9,8 +9,12 @@ weights are stacked on a leading expert axis (`ExpertWeights`).
 * `padded`: the same buffers (E, G*C, D) built by scatter and read back by
   gather, with no one-hot matmuls: the fast CPU choice (and the layout the
   expert-parallel all-to-all ships).
-* `sorted`: assignments sorted by expert and a grouped matmul (`ragged_dot` or
-  the Pallas kernel); dropless when routing was (capacity = S).
+* `sorted_grouped`: assignments sorted by expert and a grouped matmul (`ragged_dot`
+  or the Pallas kernel); no buffer slots, so no work for capacity nobody uses.
+* `expert_loop`: assignments sorted by expert, then a loop over experts, each
+  running its MLP on exactly its rows in a few chunk sizes: no capacity padding
+  and no masked grouped matmul (what XLA:CPU makes of `ragged_dot`), so a pass
+  costs its active FLOPs; its backward pass runs the same loops.
 * `dense_reference`: every expert on every token, weighted by the combine
   weights; float32, for tests.
 
@@ -21,6 +25,7 @@ gradient on every path.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -114,6 +119,115 @@ def sorted_grouped(x: jax.Array, r: Routing, w: ExpertWeights, act: Activation, 
     out = gmm(act(h), w.fc2.astype(dtype), sizes) + w.b2.astype(dtype)[bias_index]
     y = jnp.zeros((g * s, d), dtype).at[token].add(out * gate[:, None].astype(dtype))
     return y.reshape(g, s, d)
+
+
+EXPERT_LOOP_CHUNKS = (512, 128, 32)  # rows per matmul, largest first; the last one bounds the padding per expert
+
+
+def expert_loop(x: jax.Array, r: Routing, w: ExpertWeights, act: Activation,
+                chunks: tuple[int, ...] = EXPERT_LOOP_CHUNKS) -> jax.Array:
+    """Each expert's MLP on exactly the rows routed to it (kept assignments only).
+
+    Rows are sorted by expert. Expert e's rows [start_e, end_e) run in chunks: while at least
+    `chunks[0]` rows are left, a chunk of that many; then the next size; the last size also takes
+    the remainder, reading a few rows past end_e. Those extra rows belong to the next expert (which
+    runs later and overwrites them), to dropped assignments (gate 0) or to zero padding at the end,
+    so every kept row ends up computed by its own expert. The loops' trip counts depend on the
+    routing, which reverse-mode autodiff cannot differentiate through, so the backward pass is
+    written out (`_looped_mlp`'s VJP) with the same schedule.
+    """
+    g, s, d = x.shape
+    e = w.fc1.shape[0]
+    k = r.expert_index.shape[-1]
+    n = g * s * k
+    expert = jnp.where(r.kept, r.expert_index, e).reshape(-1)  # dropped rows sort last and are never run
+    order = jnp.argsort(expert, stable=True)
+    rows = jnp.concatenate([x.reshape(g * s, d)[order // k], jnp.zeros((max(chunks), d), x.dtype)])
+    sizes = jnp.bincount(expert, length=e + 1)[:e]
+    ends = jnp.cumsum(sizes)
+    dtype = x.dtype
+    out = _looped_mlp(rows, ends - sizes, ends, ExpertWeights(*(a.astype(dtype) for a in w)), act, chunks)
+    slot = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # sorted row of each assignment
+    picked = out[slot].reshape(g, s, k, d)
+    return jnp.einsum("gskd,gsk->gsd", picked, jnp.where(r.kept, r.gate, 0.0).astype(dtype))
+
+
+def _chunked(start: jax.Array, end: jax.Array, chunks: tuple[int, ...], body, carry):
+    """`carry = body(at, size, carry)` over the rows [start, end) in `expert_loop`'s chunk schedule."""
+    at = start
+    for j, size in enumerate(chunks):
+        last = j == len(chunks) - 1
+
+        def more(c, size=size, last=last):
+            return end - c[0] > 0 if last else end - c[0] >= size
+
+        def step(c, size=size):
+            return c[0] + size, body(c[0], size, c[1])
+
+        at, carry = jax.lax.while_loop(more, step, (at, carry))
+    return carry
+
+
+def _rows(a: jax.Array, at: jax.Array, size: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(a, at, size)
+
+
+def _put(a: jax.Array, rows: jax.Array, at: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(a, rows, at, 0)
+
+
+def _looped_forward(rows, starts, ends, w: ExpertWeights, act: Activation, chunks, keep_hidden: bool):
+    def run_expert(i, carry):
+        w1, b1, w2, b2 = (a[i] for a in w)
+
+        def body(at, size, carry):
+            out, hidden = carry
+            h = _rows(rows, at, size) @ w1 + b1
+            out = _put(out, act(h) @ w2 + b2, at)
+            return out, _put(hidden, h, at) if keep_hidden else hidden
+
+        return _chunked(starts[i], ends[i], chunks, body, carry)
+
+    hidden = jnp.zeros((rows.shape[0] if keep_hidden else 0, w.fc1.shape[-1]), rows.dtype)
+    return jax.lax.fori_loop(0, w.fc1.shape[0], run_expert, (jnp.zeros_like(rows), hidden))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _looped_mlp(rows, starts, ends, w: ExpertWeights, act: Activation, chunks: tuple[int, ...]) -> jax.Array:
+    """Sorted rows through their experts' MLPs (rows [starts[e], ends[e]) belong to expert e)."""
+    return _looped_forward(rows, starts, ends, w, act, chunks, keep_hidden=False)[0]
+
+
+def _looped_mlp_fwd(rows, starts, ends, w, act, chunks):
+    out, hidden = _looped_forward(rows, starts, ends, w, act, chunks, keep_hidden=True)
+    return out, (rows, starts, ends, w, hidden)
+
+
+def _looped_mlp_bwd(act, chunks, residuals, d_out):
+    rows, starts, ends, w, hidden = residuals
+
+    def run_expert(i, carry):
+        d_rows, grads = carry
+        w1, _, w2, _ = (a[i] for a in w)
+
+        def body(at, size, carry):
+            d_rows, acc = carry
+            mine = (at + jnp.arange(size) < ends[i])[:, None]  # rows past end_e are another expert's
+            dy = jnp.where(mine, _rows(d_out, at, size), 0)
+            a, act_vjp = jax.vjp(act, _rows(hidden, at, size))
+            dh = act_vjp(dy @ w2.T)[0]
+            acc = (acc[0] + _rows(rows, at, size).T @ dh, acc[1] + dh.sum(0), acc[2] + a.T @ dy, acc[3] + dy.sum(0))
+            return _put(d_rows, dh @ w1.T, at), acc
+
+        d_rows, acc = _chunked(starts[i], ends[i], chunks, body, (d_rows, tuple(jnp.zeros_like(a[i]) for a in w)))
+        return d_rows, ExpertWeights(*(g.at[i].set(a) for g, a in zip(grads, acc)))
+
+    zeros = (jnp.zeros_like(rows), ExpertWeights(*(jnp.zeros_like(a) for a in w)))
+    d_rows, grads = jax.lax.fori_loop(0, w.fc1.shape[0], run_expert, zeros)
+    return d_rows, None, None, grads
+
+
+_looped_mlp.defvjp(_looped_mlp_fwd, _looped_mlp_bwd)
 
 
 def combine_weights(r: Routing, num_experts: int) -> jax.Array:

@@ -48,7 +48,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from clipup_jax.config import ModelConfig
 from clipup_jax.parallel.mesh import AXIS_ORDER
 from clipup_jax.models import dispatch
 from clipup_jax.models.dispatch import Activation, ExpertWeights
@@ -84,18 +83,6 @@ def expert_layout(num_experts: int, axis_size: int, expert_axis: str = "expert")
             f"replicated EP/E times)")
     virtual = max(num_experts, axis_size)
     return ExpertLayout(num_experts, axis_size, virtual, virtual // num_experts, virtual // axis_size)
-
-
-def check_experts_fit(cfg: ModelConfig, expert_axis_size: int) -> None:
-    """Every MoE plan of `cfg` against the mesh's expert axis, by `expert_layout`'s rule: the one check the
-    trainer and the planner share, naming the config field."""
-    for tower in ("vision", "text"):
-        plan = getattr(cfg, tower).moe
-        if plan is not None:
-            try:
-                expert_layout(plan.num_experts, expert_axis_size)
-            except ValueError as e:
-                raise ValueError(f"config.model.{tower}.moe: {e}") from None
 
 
 def _axis_sizes(mesh) -> dict[str, int]:

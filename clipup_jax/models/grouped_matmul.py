@@ -1,4 +1,4 @@
-"""Grouped matmuls for the `sorted` dispatch: rows sorted by expert times that expert's weight.
+"""Grouped matmuls for the sorted dispatches: rows sorted by expert times that expert's weight.
 
 `lhs` (R, K) rows are grouped contiguously by expert, `group_sizes` (E,) sums to at
 most R (rows past the sum belong to no expert and come out as zeros), `rhs` is
@@ -9,9 +9,6 @@ most R (rows past the sum belong to no expert and come out as zeros), `rhs` is
   so it is not the CPU choice.
 * `pallas`: the Megablox grouped-matmul Pallas kernel (TPU). Elsewhere it runs in
   interpret mode, which is for tests only.
-
-The `padded` backend of the sorted dispatch does not come through here: it keeps
-per-expert buffers `(E, C, D)` and uses a batched matmul (`dispatch.expert_mlp`).
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Parameter names mirror the dense `Mlp` (`fc1_kernel` (D, F) becomes (E, D, F)),
 so upcycling is a tiling of the dense tree plus a new `router_kernel`.
-Routing groups are samples: an image's patches or a caption's tokens. Under a
-mesh with an `expert` axis of size > 1 (`jax.set_mesh`), the top-k paths run
-expert-parallel (`expert_parallel.py`, transport `plan.ep_transport`); the
-single-device dispatch then only describes the function, which is the same.
+Routing groups are samples: an image's patches or a caption's tokens. How the
+tokens reach the experts is `dispatcher.choose`'s decision for the plan, the mode
+(training or inference) and the mesh set by `jax.set_mesh`; every choice computes
+the same function.
 
 Inside `nnx.capture(..., nnx.Intermediate)` each call records its routing
 metrics and aux losses with `sow` ('moe'); `moe_aux` turns the captured state
@@ -18,38 +18,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec as P
 
 from clipup_jax.config import Activation, MoEPlan
-from clipup_jax.models import aux_losses, dispatch, expert_parallel, routing
+from clipup_jax.models import aux_losses, dispatch, dispatcher, routing
 from clipup_jax.models.layers import activation_fn, mlp_init_stds, normal
 
 METRICS = "moe"
-EXPERT_AXIS = "expert"
-
-
-def expert_parallel_active() -> bool:
-    """True under `jax.set_mesh(mesh)` when the mesh spreads experts over an `expert` axis of size > 1."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(EXPERT_AXIS, 1) > 1
-
-
-def group_local(fn):
-    """`fn` (arrays with a leading routing-group axis in, the same out) made to run under Explicit mesh axes.
-
-    Routing and single-device dispatch gather and scatter within a group (a sample); the sharding type
-    system cannot prove that, so under Explicit axes they run with the axes switched to Auto (GSPMD
-    partitions them along the group axis, as it does on an Auto mesh) and hand back group-sharded outputs.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if not any(t == AxisType.Explicit for t in mesh.axis_types):
-        return fn
-
-    def run(*args):
-        groups = jax.typeof(args[0]).sharding.spec[0]
-        return jax.sharding.auto_axes(fn, out_sharding=P(groups))(*args)
-
-    return run
 
 
 class MoeMlp(nnx.Module):
@@ -78,18 +52,20 @@ class MoeMlp(nnx.Module):
         g, s, _ = x.shape
         e = plan.num_experts
         train = not self.deterministic
-        factor = plan.capacity_factor if train else plan.eval_capacity_factor
+        mesh = jax.sharding.get_abstract_mesh()
+        chosen = dispatcher.choose(plan, train=train, mesh_shape=dict(zip(mesh.axis_names, mesh.axis_sizes)))
+        factor = chosen.capacity_factor
         logits = x.astype(jnp.float32) @ self.router_kernel[...].astype(jnp.float32)
         act, w = activation_fn(self.activation), self.weights()
         x = x.astype(self.dtype)
         if plan.router == "expert_choice":
             c = routing.capacity(s, e, 1, factor)
-            ec = group_local(jax.vmap(lambda lg: routing.expert_choice_routing(lg, c)))(logits)
-            if plan.dispatch == "dense_reference":
-                y = group_local(lambda x, ec, w: dispatch.dense_reference(
+            ec = dispatcher.group_local(jax.vmap(lambda lg: routing.expert_choice_routing(lg, c)))(logits)
+            if chosen.kind == "dense_reference":
+                y = dispatcher.group_local(lambda x, ec, w: dispatch.dense_reference(
                     x, dispatch.expert_choice_weights(ec, s), w, act))(x, ec, w)
             else:
-                y = group_local(lambda x, ec, w: dispatch.expert_choice(x, ec, w, act))(x, ec, w)
+                y = dispatcher.group_local(lambda x, ec, w: dispatch.expert_choice(x, ec, w, act))(x, ec, w)
             self._record(ec.probs, ec.logits, None, load=self._ec_load(ec), dropped=jax.vmap(routing.unchosen_fraction)(ec))
             return y
         c = routing.capacity(s, e, plan.top_k, factor)
@@ -98,29 +74,12 @@ class MoeMlp(nnx.Module):
         route = jax.vmap(lambda lg, key: routing.top_k_routing(
             lg, plan.top_k, c, renormalize=plan.renormalize_gates, batch_priority=plan.batch_priority,
             noise_std=noise, rng=key), in_axes=(0, 0 if keys is not None else None))
-        r = group_local(route)(logits, keys)
-        y = self._dispatch(x, r, c, w, act)
+        r = dispatcher.group_local(route)(logits, keys)
+        y = chosen(x, r, c, w, act)
         counts = jax.vmap(lambda rr: routing.assignment_counts(rr, e))(r).sum(0)
         self._record(r.probs, r.logits, r, load=counts / jnp.maximum(counts.sum(), 1),
                      dropped=jax.vmap(routing.drop_fraction)(r))
         return y
-
-    def _dispatch(self, x: jax.Array, r: routing.Routing, c: int, w: dispatch.ExpertWeights, act) -> jax.Array:
-        plan = self.plan
-        if expert_parallel_active() and plan.dispatch != "dense_reference":
-            return expert_parallel.expert_parallel_mlp(x, r, c, w, act, transport=plan.ep_transport)
-        return group_local(lambda x, r, w: self._local_dispatch(x, r, c, w, act))(x, r, w)
-
-    def _local_dispatch(self, x: jax.Array, r: routing.Routing, c: int, w: dispatch.ExpertWeights,
-                        act) -> jax.Array:
-        plan = self.plan
-        if plan.dispatch == "dense_reference":
-            return dispatch.dense_reference(x, dispatch.combine_weights(r, plan.num_experts), w, act)
-        if plan.dispatch == "einsum":
-            return dispatch.einsum(x, r, c, w, act)
-        if plan.grouped_matmul == "padded":
-            return dispatch.padded(x, r, c, w, act)
-        return dispatch.sorted_grouped(x, r, w, act, plan.grouped_matmul)
 
     @staticmethod
     def _ec_load(ec: routing.ExpertChoice) -> jax.Array:

@@ -176,9 +176,11 @@ def format_layout(layout: Layout, compact: bool = True) -> str:
     return "\n".join(lines)
 
 
-def report_layout(state: Any, shardings: Any, workdir: pathlib.Path) -> Layout:
-    """Prints the compact table and writes the full one to `workdir/layout.txt` (the trainer, on process 0)."""
+def report_layout(state: Any, shardings: Any, workdir: pathlib.Path, notes: str = "") -> Layout:
+    """Prints the compact table and writes the full one to `workdir/layout.txt` (the trainer, on process 0),
+    each followed by `notes` (what else the run decided about placement, e.g. its MoE dispatch)."""
     layout = state_layout(state, shardings)
-    print(format_layout(layout, compact=True), flush=True)
-    (pathlib.Path(workdir) / "layout.txt").write_text(format_layout(layout, compact=False) + "\n")
+    tail = f"\n{notes}" if notes else ""
+    print(format_layout(layout, compact=True) + tail, flush=True)
+    (pathlib.Path(workdir) / "layout.txt").write_text(format_layout(layout, compact=False) + tail + "\n")
     return layout

@@ -29,9 +29,8 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from clipup_jax.config import ModelConfig, MoEPlan, model_config
-from clipup_jax.models.expert_parallel import check_experts_fit
+from clipup_jax.models.dispatcher import Dispatcher, model_dispatchers
 from clipup_jax.models.flops import image_tokens
-from clipup_jax.models.routing import capacity
 from clipup_jax.parallel.layout import Layout, human_bytes, spec_axes, state_layout
 from clipup_jax.parallel.mesh import ordered_axes, resolve_shape, split_dcn
 from clipup_jax.parallel.sharding import data_parallel_size, state_shardings
@@ -75,7 +74,7 @@ def mesh_shape_for(config: ml_collections.ConfigDict, num_devices: int) -> dict[
     `config.dcn_mesh`, the batch and the MoE plans: one-line errors naming the field, before anything compiles."""
     sizes = ordered_axes(resolve_shape(dict(config.mesh), num_devices))
     split_dcn(sizes, dict(config.get("dcn_mesh") or {}))
-    check_experts_fit(ModelConfig.from_dict(config.model.to_dict()), sizes.get("expert", 1))
+    model_dispatchers(model_config(config), sizes)  # the trainer's check: experts vs mesh, dispatch vs mode
     dp = data_parallel_size(sizes)
     if config.batch_size % dp:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the data-parallel devices "
@@ -97,15 +96,15 @@ def _batch_bytes(cfg: ModelConfig, local_batch: int) -> int:
     return local_batch * (v.image_size * v.image_size * 3 * 4 + cfg.text.context_length * 4)  # f32 pixels, i32 ids
 
 
-def _mlp_saved(tokens: int, width: int, mlp_dim: int, s: int, moe: MoEPlan | None) -> int:
+def _mlp_saved(tokens: int, width: int, mlp_dim: int, s: int, moe: MoEPlan | None,
+               dispatcher: Dispatcher | None) -> int:
     """Bytes per example an MLP (or MoE) sub-block saves for its backward pass, LayerNorm included: ln_2's input
     and output, its float32 centred and normalised input; fc1's output, the activation's gate and output."""
     norm = tokens * (2 * s * width + 2 * 4 * width)
     if moe is None:
         return norm + tokens * s * 3 * mlp_dim
     e, k = moe.num_experts, moe.top_k
-    slots = capacity(tokens, e, 1 if moe.router == "expert_choice" else k, moe.capacity_factor)
-    rows = e * slots  # capacity-padded buffer rows of one routing group (one example)
+    rows = dispatcher.rows_per_group(tokens, e, k)  # expert-MLP rows of one routing group (one example)
     router = tokens * (4 * 3 * e + 4 * 4 * k)  # float32 logits, probs, gates; int routing arrays
     buffers = rows * s * (width + 3 * mlp_dim)  # expert inputs, fc1 outputs, gates, activations
     return norm + router + buffers + tokens * k * s * width  # + the gathered expert outputs per choice
@@ -118,9 +117,11 @@ def _attention_saved(tokens: int, width: int, heads: int, s: int) -> int:
 
 
 def _tower_activations(name: str, tokens: int, width: int, heads: int, mlp_dim: int, depth: int,
-                       moe: MoEPlan | None, remat: str, s: int, local_batch: int) -> tuple[str, int]:
+                       moe: MoEPlan | None, dispatcher: Dispatcher | None, remat: str, s: int,
+                       local_batch: int) -> tuple[str, int]:
     sparse = set(moe.layer_indices(depth)) if moe is not None else set()
-    blocks = [_attention_saved(tokens, width, heads, s) + _mlp_saved(tokens, width, mlp_dim, s, moe if i in sparse else None)
+    blocks = [_attention_saved(tokens, width, heads, s)
+              + _mlp_saved(tokens, width, mlp_dim, s, moe if i in sparse else None, dispatcher)
               for i in range(depth)]
     if remat == "none":
         per_example = sum(blocks)
@@ -141,16 +142,20 @@ def effective_remat(config: ml_collections.ConfigDict, platform: str) -> str:
 
 
 def activation_estimate(cfg: ModelConfig, config: ml_collections.ConfigDict, local_batch: int,
-                        platform: str = "accelerator") -> list[tuple[str, int]]:
+                        mesh_shape: dict[str, int], platform: str = "accelerator") -> list[tuple[str, int]]:
     """(what, bytes per device) of the activations a train step keeps for its backward pass."""
     s = np.dtype(jnp.dtype(config.compute_dtype)).itemsize
     remat = effective_remat(config, platform)
     v, t = cfg.vision, cfg.text
     vt = image_tokens(cfg)
+    # The training dispatchers the trainer will run ("accelerator": GPU and TPU choices differ only in einsum
+    # vs padded buffers, which hold the same rows).
+    train = {tower: d[0] for tower, d in model_dispatchers(cfg, mesh_shape, "cpu" if platform == "cpu" else "gpu").items()}
     parts = [
-        _tower_activations("vision", vt, v.width, v.heads, v.mlp_dim, v.depth, v.moe, remat, s, local_batch),
-        _tower_activations("text", t.context_length, t.width, t.heads, t.mlp_dim, t.depth, t.moe, remat, s,
+        _tower_activations("vision", vt, v.width, v.heads, v.mlp_dim, v.depth, v.moe, train.get("image"), remat, s,
                            local_batch),
+        _tower_activations("text", t.context_length, t.width, t.heads, t.mlp_dim, t.depth, t.moe, train.get("text"),
+                           remat, s, local_batch),
     ]
     patches = v.grid**2 * v.patch_size**2 * 3
     embed = local_batch * (s * (patches + 3 * vt * v.width) + 4 * vt * v.width + s * 2 * t.context_length * t.width)
@@ -187,7 +192,7 @@ def plan_memory(config: ml_collections.ConfigDict, state: Any, num_devices: int,
     cfg = model_config(config)
     layout = state_layout(state, abstract_state_shardings(config, state, mesh_shape))
     local = config.batch_size // data_parallel_size(mesh_shape)
-    parts = activation_estimate(cfg, config, local, platform)
+    parts = activation_estimate(cfg, config, local, mesh_shape, platform)
     gathered = gathered_weights(layout, config, platform)
     if gathered:
         parts.append((f"fsdp-gathered weights ({config.compute_dtype})", gathered))

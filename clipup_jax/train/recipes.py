@@ -8,7 +8,8 @@ from clipup_jax.config import TOWERS, ModelConfig, MoEPlan, TextConfig, VisionCo
 from clipup_jax.train.optimizer import DEFAULT_NO_DECAY
 
 # CLIP-UP's most plausible plan (shared/reference/paper.md): 8 experts, top-2, every other block of both towers.
-CLIPUP_PLAN = MoEPlan(layers="every_2", num_experts=8, top_k=2, capacity_factor=2.0, eval_capacity_factor=2.0,
+# Dropless at inference: no token is dropped and none pays for capacity it does not use.
+CLIPUP_PLAN = MoEPlan(layers="every_2", num_experts=8, top_k=2, capacity_factor=2.0, eval_capacity_factor=None,
                       load_balancing_weight=0.01, z_loss_weight=0.001)
 
 
@@ -109,7 +110,7 @@ DEMO_MODEL = ModelConfig(
     text=TextConfig(vocab_size=768, context_length=24, width=64, depth=4, heads=4, mlp_dim=128),
     embed_dim=64,
 )
-DEMO_PLAN = MoEPlan(layers="every_2", num_experts=4, top_k=2, capacity_factor=1.5, eval_capacity_factor=2.0,
+DEMO_PLAN = MoEPlan(layers="every_2", num_experts=4, top_k=2, capacity_factor=1.5, eval_capacity_factor=None,
                     load_balancing_weight=0.01, z_loss_weight=0.001)
 
 

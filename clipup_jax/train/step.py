@@ -14,7 +14,7 @@ from flax import nnx
 from clipup_jax.models import CLIP
 from clipup_jax.models.layers import LN_100
 from clipup_jax.models.moe import moe_aux
-from clipup_jax.models.param_tree import tree_path_name
+from clipup_jax.train.health import Health, step_health
 from clipup_jax.train.losses import make_contrastive_loss
 
 
@@ -35,20 +35,9 @@ def _global_norm(tree: Any) -> jax.Array:
     return optax.tree.norm(tree)
 
 
-def nonfinite_check_names(params: nnx.State) -> list[str]:
-    """What each entry of a step's `nonfinite` metric (a bool vector) refers to, in order; the host maps the
-    vector to these names only when a step was not finite."""
-    names = [tree_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    return ["batch/pixels", "loss", *(f"grad/{n}" for n in names), *(f"update/{n}" for n in names)]
-
-
-def _finite_leaves(tree: Any) -> jax.Array:
-    return jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)])
-
-
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_name: str,
                     schedule: optax.Schedule, loss_impl: str = "global"):
-    """(state, batch) -> (state, metrics). Aux losses of every MoE layer join the contrastive loss, computed
+    """(state, batch) -> (state, metrics, health). Aux losses of every MoE layer join the contrastive loss, computed
     as `loss_impl` ("global" logits, or "sharded" over the mesh's batch axes: `train.losses`)."""
     contrastive_loss = make_contrastive_loss(loss_name, loss_impl)
 
@@ -68,7 +57,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
         _, _, new_rest = nnx.split(model, nnx.Param, ...)
         return contrastive + aux, (metrics, new_rest)
 
-    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array], Health]:
         (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.rest, batch)
         grad_norm = _global_norm(grads)
         # One test from values computed anyway: a NaN/Inf in any gradient makes their norm non-finite.
@@ -85,15 +74,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
         # weight and moment: the good path costs nothing extra. The step and router-noise counters still advance.
         params, opt_state = jax.lax.cond(inputs_ok, update, lambda _: (state.params, state.opt_state), None)
         param_norm = _global_norm(params)
-        finite = inputs_ok & jnp.isfinite(param_norm)  # the latter: an update from finite gradients overflowed
-        # Which tensors (order: nonfinite_check_names), computed only on a bad step.
-        nonfinite = jax.lax.cond(
-            finite, lambda: jnp.zeros(len(jax.tree.leaves(grads)) * 2 + 2, jnp.bool_),
-            lambda: ~jnp.concatenate([jnp.all(jnp.isfinite(batch["pixels"]))[None], jnp.isfinite(loss)[None],
-                                      _finite_leaves(grads), _finite_leaves(params)]))
-        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, param_norm=param_norm, lr=schedule(state.step),
-                       finite=finite, nonfinite=nonfinite, applied=inputs_ok)
-        return TrainState(state.step + 1, params, opt_state, rest), metrics
+        # A non-finite norm of the new params: an update from finite gradients overflowed.
+        health = step_health(batch["pixels"], loss, grads, params, inputs_ok, jnp.isfinite(param_norm))
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, param_norm=param_norm, lr=schedule(state.step))
+        return TrainState(state.step + 1, params, opt_state, rest), metrics, health
 
     return step
 

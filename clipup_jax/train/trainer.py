@@ -23,7 +23,7 @@ from clipup_jax.checkpoints.params import assign_params, check_params
 from clipup_jax.config import ModelConfig, model_config
 from clipup_jax.data.tokenizer import source_files
 from clipup_jax.models import CLIP
-from clipup_jax.models.expert_parallel import check_experts_fit
+from clipup_jax.models.dispatcher import describe_dispatchers, model_dispatchers
 from clipup_jax.parallel.layout import report_layout
 from clipup_jax.parallel.mesh import make_mesh
 from clipup_jax.parallel.sharding import batch_spec, data_parallel_size, param_shardings, state_shardings
@@ -31,64 +31,12 @@ from clipup_jax.train.checkpointing import TrainCheckpoints, abstract_like
 from clipup_jax.train.metrics_log import MetricsLog, scalar_metrics
 from clipup_jax.train.losses import make_contrastive_loss
 from clipup_jax.train.optimizer import make_optimizer, schedule as make_schedule
-from clipup_jax.train.step import TrainState, flops_per_step, init_state, make_train_step, nonfinite_check_names
+from clipup_jax.train.health import NONFINITE_POLICIES, NonFiniteGuard
+from clipup_jax.train.step import TrainState, flops_per_step, init_state, make_train_step
 from clipup_jax.workarounds import apply as apply_workarounds, release_free_memory
 
 DataFactory = Callable[[ModelConfig, int, int], Iterator[dict[str, np.ndarray]]]
 EvalFn = Callable[[CLIP, int], dict[str, float]]
-NONFINITE_POLICIES = ("stop", "skip")
-
-
-class NonFiniteLoss(RuntimeError):
-    """A step's input pixels, loss, gradients or update held NaN/Inf (config.nonfinite="stop"), or more than
-    config.max_nonfinite_skips such steps came in a row ("skip"). That step was not applied and never saved:
-    the last good checkpoint is kept as it is."""
-
-
-class _NonFiniteGuard:
-    """Applies config.nonfinite to every step's `finite` flag. A step is checked once the next one is launched
-    (one step late), so the host never waits on the step it just launched; `check(now=True)` before anything
-    that reads the state (log, eval, save) keeps a bad step out of checkpoints."""
-
-    def __init__(self, config: ml_collections.ConfigDict, names: list[str], latest_good: Callable[[], int | None],
-                 verbose: bool):
-        self.policy, self.limit, self.names = config.nonfinite, config.max_nonfinite_skips, names
-        self.latest_good, self.verbose = latest_good, verbose
-        self.pending: tuple[int, dict[str, jax.Array]] | None = None
-        self.skipped = 0  # steps skipped in this run
-        self.in_row = 0
-
-    def check(self, step: int, metrics: dict[str, jax.Array], now: bool) -> None:
-        self.flush()
-        self.pending = (step, metrics)
-        if now:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending is None:
-            return
-        step, metrics = self.pending
-        self.pending = None
-        if bool(metrics["finite"]):
-            self.in_row = 0
-            return
-        bad = [name for name, flag in zip(self.names, np.asarray(metrics["nonfinite"])) if flag]
-        culprits = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
-        good = f"latest good checkpoint: step {self.latest_good()}"
-        if bool(metrics["applied"]):  # finite inputs and gradients, yet the update overflowed: no skip can undo it
-            raise NonFiniteLoss(f"step {step}: the update from finite gradients made parameters non-finite "
-                                f"({culprits}); lower config.optim.lr or config.optim.grad_clip_norm; {good}")
-        if self.policy == "stop":
-            raise NonFiniteLoss(f"step {step}: not finite: {culprits}; the step was not applied "
-                                f"(config.nonfinite='stop'); {good}")
-        self.skipped += 1
-        self.in_row += 1
-        if self.in_row > self.limit:
-            raise NonFiniteLoss(f"step {step}: {self.in_row} non-finite steps in a row, more than "
-                                f"config.max_nonfinite_skips={self.limit} (last: {culprits}); {good}")
-        if self.verbose:
-            print(f"warning: step {step}: not finite: {culprits}; update skipped "
-                  f"({self.skipped} skipped in this run)", flush=True)
 
 
 def _dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
@@ -170,7 +118,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
     _dtype(config)
     cfg = model_config(config)
     mesh = config_mesh(config)
-    check_experts_fit(cfg, mesh.shape.get("expert", 1))
+    model_dispatchers(cfg, dict(mesh.shape))  # experts vs the mesh, each dispatch vs its mode
     if config.data.tokenizer and not pathlib.Path(config.data.tokenizer).exists():
         raise FileNotFoundError(f"config.data.tokenizer={config.data.tokenizer}: no such file or directory")
     if workdir is not None:
@@ -198,7 +146,7 @@ def batch_shardings(mesh) -> dict[str, NamedSharding]:
 
 def _jit_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx, schedule, shardings, mesh):
     return jax.jit(make_train_step(graphdef, tx, config.loss, schedule, config.loss_impl),
-                   in_shardings=(shardings, batch_shardings(mesh)), out_shardings=(shardings, None),
+                   in_shardings=(shardings, batch_shardings(mesh)), out_shardings=(shardings, None, None),
                    donate_argnums=0)
 
 
@@ -260,7 +208,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
         graphdef, tx, schedule, abstract = abstract_train_state(config)
         shardings = state_shardings(abstract, mesh, cfg)
         if main_process:
-            report_layout(abstract, shardings, workdir)  # printed, and the full table in layout.txt
+            # printed, and the full table in layout.txt
+            report_layout(abstract, shardings, workdir, describe_dispatchers(model_dispatchers(cfg, dict(mesh.shape))))
         data_iter = data(cfg, jax.process_index(), jax.process_count())
         started = time.perf_counter()
         if resuming:  # straight into the shardings; the init checkpoint is not read again
@@ -286,7 +235,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
 
         preempted = []
         previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-        guard = _NonFiniteGuard(config, nonfinite_check_names(state.params), checkpoints.latest_step, main_process)
+        guard = NonFiniteGuard(config, checkpoints.latest_step, main_process)
         flops = None
         skipped = 0  # examples the pipeline dropped (corrupt images, empty captions), summed over this run
         start_step = int(state.step)
@@ -306,18 +255,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
                     if main_process:
                         print(f"compiled the train step in {time.perf_counter() - started:.1f}s "
                               f"({flops / 1e9:.3g} GFLOP per step)", flush=True)
-                state, metrics = step_fn(state, batch)
+                state, metrics, health = step_fn(state, batch)
                 last = step == config.total_steps
                 stopping = bool(preempted)  # read once: the save below and the break agree
                 log_now = step % config.log_every == 0 or last
                 eval_now = evaluate is not None and config.eval_every and (step % config.eval_every == 0 or last)
-                guard.check(step, metrics, now=log_now or eval_now or last or stopping
+                guard.check(step, health, now=log_now or eval_now or last or stopping
                             or checkpoints.manager.should_save(step))
                 if log_now:
-                    metrics = jax.device_get(metrics)
-                    for key in ("finite", "nonfinite", "applied"):
-                        metrics.pop(key)
-                    scalars = {**scalar_metrics(metrics), "data/skipped_examples": float(skipped),
+                    scalars = {**scalar_metrics(jax.device_get(metrics)), "data/skipped_examples": float(skipped),
                                "train/skipped_nonfinite_steps": float(guard.skipped)}
                     shown = {k: scalars[k] for k in ("loss", "contrastive_loss", "aux_loss", "lr") if k in scalars}
                     rates = log.progress(step, shown, config.batch_size)

@@ -77,7 +77,7 @@ def test_import_upcycle_embed_gives_the_dense_features(setup, tmp_path, capsys):
 
     code, out, err = invoke(convert, ["inspect", tmp_path / "sparse"], capsys)
     assert code == 0, err
-    assert "kind         sparse" in out and "4 experts, top-2, blocks 1" in out and "dropless eval" in out
+    assert "kind         sparse" in out and "4 experts, top-2, blocks 1" in out and "eval: dropless, dispatch auto" in out
     total = sum(p.size for p in sparse.params.values())
     # Per MoE block, 2 of the 4 experts' MLPs are idle for each token.
     idle = sum(p.size // 2 for k, p in sparse.params.items() if "/mlp/fc" in k and p.ndim >= 2 and
@@ -92,7 +92,7 @@ def test_config_file_equals_flags(setup, tmp_path, capsys):
     (tmp_path / "up.py").write_text(
         "import ml_collections\n\n\ndef get_config():\n"
         "    return ml_collections.ConfigDict(dict(num_experts=4, top_k=1, moe_layers=[0], towers='image',\n"
-        "        eval_capacity_factor=None, expert_noise=0.01, drop_upcycling=0.25, seed=3, dispatch='sorted'))\n")
+        "        eval_capacity_factor=None, expert_noise=0.01, drop_upcycling=0.25, seed=3, dispatch='ragged_dot'))\n")
     code, _, err = invoke(convert, ["upcycle", tmp_path / "dense", "--out", tmp_path / "a", "--config",
                                     tmp_path / "up.py"], capsys)
     assert code == 0, err
@@ -101,7 +101,7 @@ def test_config_file_equals_flags(setup, tmp_path, capsys):
                                     "none", "--expert-noise", 0.01, "--drop-upcycling", 0.25, "--seed", 3], capsys)
     assert code == 0, err
     a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
-    assert a.config.vision.moe.dispatch == "sorted" and a.config.text.moe is None
+    assert a.config.vision.moe.dispatch == "ragged_dot" and a.config.text.moe is None
     assert a.config.replace(vision=b.config.vision) == b.config
     assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
 

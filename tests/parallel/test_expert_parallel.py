@@ -224,9 +224,8 @@ def test_make_mesh_shapes():
 
 
 @pytest.mark.parametrize("plan", [
-    dict(dispatch="einsum"), dict(dispatch="sorted", grouped_matmul="padded"),
-    dict(dispatch="sorted", grouped_matmul="ragged_dot"), dict(dispatch="dense_reference"),
-    dict(router="expert_choice"),
+    dict(eval_dispatch="einsum"), dict(eval_dispatch="padded"), dict(eval_dispatch="ragged_dot"),
+    dict(eval_dispatch="dense_reference"), dict(router="expert_choice"),
 ], ids=lambda p: "-".join(p.values()))
 def test_moe_layer_on_an_explicit_data_mesh(plan):
     """Without an expert axis the layer runs its single-device dispatch on group-sharded tokens; under Explicit
@@ -251,3 +250,33 @@ def test_moe_layer_on_an_explicit_data_mesh(plan):
     assert_close(got, want, BOUND, "loss")
     assert_trees_close(got_grad, want_grad, BOUND, "grad")
     assert got_grad[1].sharding.spec[0] == "data"
+
+
+@pytest.mark.parametrize("axis_types", ["auto", "explicit"])
+def test_expert_loop_runs_per_device_on_a_data_mesh(axis_types):
+    """`expert_loop` sorts rows by expert; on a mesh that splits the batch it must sort each device's own groups
+    (a shard_map over the batch axes), equal one device in value and gradient, and keep the batch sharding."""
+    from flax import nnx
+
+    from clipup_jax.config import MoEPlan
+    from clipup_jax.models.moe import MoeMlp
+
+    layer = MoeMlp(D, F, 2, "gelu", MoEPlan(num_experts=4, top_k=K, eval_capacity_factor=None,
+                                             eval_dispatch="expert_loop"), nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((G, S, D), dtype=np.float32))
+    apply = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    grad = jax.jit(jax.grad(lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x) ** 2), argnums=(0, 1)))
+    want, want_grad = apply(state, x), grad(state, x)
+    mesh = _mesh((("data", 4), ("fsdp", 2)), axis_types)
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+        lowered = apply.lower(state, placed)
+        got, got_grad = apply(state, placed), grad(state, placed)
+    assert_close(got, want, BOUND, "features")
+    assert_trees_close(got_grad, want_grad, BOUND, "grad")
+    assert got.sharding.spec[0] == ("data", "fsdp")
+    # GSPMD sorting the whole batch would gather the tokens (an all-gather, or an all-reduce of masked rows); only
+    # the router's (G, S, E) logits may travel.
+    gathered = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-(?:gather|reduce)\(", lowered.compile().as_text())
+    assert not [shape for shape in gathered if shape.endswith(f",{D}")], gathered

@@ -11,7 +11,8 @@ import pytest
 from clipup_jax.checkpoints.format import load_checkpoint
 from clipup_jax.config import ModelConfig, TextConfig, VisionConfig
 from clipup_jax.models import CLIP
-from clipup_jax.train.trainer import NonFiniteLoss, _NonFiniteGuard, train
+from clipup_jax.train.health import Health, NonFiniteGuard, NonFiniteLoss
+from clipup_jax.train.trainer import train
 from tests.train.test_trainer import _config
 
 # Smaller than test_trainer's TINY: each test here compiles a train step, and one block per tower is enough.
@@ -109,44 +110,44 @@ def test_skip_drops_exactly_the_bad_updates(tmp_path, inf_grads, capsys):
         np.testing.assert_array_equal(got.params[name], want.params[name], err_msg=name)
 
 
-def _step_metrics(bad: set[int], size: int = 6) -> dict[str, np.ndarray]:
-    flags = np.array([i in bad for i in range(size)])
-    applied = not bad & {0, 1, 2, 3}  # the step's inputs, loss and gradients were finite
-    return {"finite": np.bool_(not bad), "nonfinite": flags, "applied": np.bool_(applied)}
-
-
 NAMES = ["batch/pixels", "loss", "grad/a", "grad/b", "update/a", "update/b"]
 
 
-def _guard(policy: str, limit: int = 10) -> _NonFiniteGuard:
+def _health(bad: set[int]) -> Health:
+    applied = not bad & {0, 1, 2, 3}  # the step's inputs, loss and gradients were finite
+    return Health(finite=np.bool_(not bad), applied=np.bool_(applied),
+                  nonfinite={name: np.bool_(i in bad) for i, name in enumerate(NAMES)})
+
+
+def _guard(policy: str, limit: int = 10) -> NonFiniteGuard:
     config = _tiny(5, policy, max_nonfinite_skips=limit)
-    return _NonFiniteGuard(config, NAMES, lambda: 7, verbose=True)
+    return NonFiniteGuard(config, lambda: 7, verbose=True)
 
 
 def test_guard_checks_one_step_late_and_stops_naming_the_tensors():
     guard = _guard("stop")
-    guard.check(1, _step_metrics(set()), now=False)
-    guard.check(2, _step_metrics({0, 1, 2, 3}), now=False)  # launched; not looked at until step 3 is launched
+    guard.check(1, _health(set()), now=False)
+    guard.check(2, _health({0, 1, 2, 3}), now=False)  # launched; not looked at until step 3 is launched
     with pytest.raises(NonFiniteLoss, match=r"^step 2: not finite: batch/pixels, loss, grad/a, grad/b; the step "
                                             r"was not applied \(config.nonfinite='stop'\); latest good checkpoint: "
                                             r"step 7$"):
-        guard.check(3, _step_metrics(set()), now=False)
+        guard.check(3, _health(set()), now=False)
     guard = _guard("stop")
     with pytest.raises(NonFiniteLoss, match=r"^step 1: not finite: loss, grad/a, grad/b, update/a \(\+1 more\)"):
-        guard.check(1, _step_metrics({2, 3, 4, 5, 1}), now=True)  # before a save/log/eval: checked at once
+        guard.check(1, _health({2, 3, 4, 5, 1}), now=True)  # before a save/log/eval: checked at once
 
 
 def test_guard_skip_counts_and_limits_skips_in_a_row(capsys):
     guard = _guard("skip", limit=1)
     for step, bad in enumerate([set(), {3}, set(), {0}], start=1):  # a good step resets the run of skips
-        guard.check(step, _step_metrics(bad), now=True)
+        guard.check(step, _health(bad), now=True)
     assert guard.skipped == 2
     assert capsys.readouterr().out.splitlines() == [
         "warning: step 2: not finite: grad/b; update skipped (1 skipped in this run)",
         "warning: step 4: not finite: batch/pixels; update skipped (2 skipped in this run)"]
     with pytest.raises(NonFiniteLoss, match=r"^step 5: 2 non-finite steps in a row, more than "
                                             r"config.max_nonfinite_skips=1 \(last: grad/a\)"):
-        guard.check(5, _step_metrics({2}), now=True)
+        guard.check(5, _health({2}), now=True)
 
 
 def test_an_update_that_overflows_stops_whatever_the_policy():
@@ -154,4 +155,4 @@ def test_an_update_that_overflows_stops_whatever_the_policy():
     guard = _guard("skip")
     with pytest.raises(NonFiniteLoss, match=r"^step 1: the update from finite gradients made parameters "
                                             r"non-finite \(update/a\); lower config.optim.lr"):
-        guard.check(1, _step_metrics({4}), now=True)
+        guard.check(1, _health({4}), now=True)

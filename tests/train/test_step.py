@@ -26,9 +26,9 @@ def test_router_noise_trains_and_draws_fresh_noise_each_step():
     batch = {"pixels": jnp.asarray(rng.standard_normal((4, 32, 32, 3)), jnp.float32),
              "tokens": jnp.asarray(rng.integers(1, 500, (4, 16)), jnp.int32)}
     counts = [leaf for leaf in jax.tree.leaves(state.rest) if jnp.issubdtype(leaf.dtype, jnp.integer)]
-    state, first = step(state, batch)
-    state, second = step(state, batch)
-    assert bool(first["finite"]) and bool(second["finite"])
+    state, first, first_health = step(state, batch)
+    state, second, second_health = step(state, batch)
+    assert bool(first_health.finite) and bool(second_health.finite)
     assert float(first["loss"]) != float(second["loss"])
     after = [leaf for leaf in jax.tree.leaves(state.rest) if jnp.issubdtype(leaf.dtype, jnp.integer)]
     assert counts and all(int(b) == int(a) + 2 for a, b in zip(counts, after))

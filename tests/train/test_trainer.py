@@ -19,7 +19,8 @@ from clipup_jax.models import CLIP
 from clipup_jax.train.configs import ConfigFileError, apply_override, load_config
 from clipup_jax.train.recipes import base_config, sparse
 from clipup_jax.train.run import run_experiment
-from clipup_jax.train.trainer import NonFiniteLoss, lower_train_step
+from clipup_jax.train.health import NonFiniteLoss
+from clipup_jax.train.trainer import lower_train_step
 from tests.cli_helpers import invoke
 
 TINY = ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64),

@@ -1,0 +1,174 @@
+"""Inference time of CLIP-UP against dense CLIPs, side by side in one run, with the analytic FLOPs beside it.
+
+    python -m benchmarks.inference [--batches 8 64] [--reps 3] [--models NAME ...] [--quick]
+
+Image and text embedding (`encode_image` / `encode_text`, jit-compiled, float32) of random-weight models:
+dense ViT-B/16, CLIP-UP B/16 as `train.recipes.CLIPUP_PLAN` defines it (8 experts, top-2, every other block of
+both towers, dropless at eval, the dispatch `models/dispatcher.choose` picks), the same CLIP-UP with the capped
+path it replaced (eval capacity factor 2.0, `padded` buffers), dense L/14 and CLIP-UP L/14. Every (model,
+tower) call is timed once per repetition, all interleaved, so machine noise hits them alike; medians are
+reported. Before timing, CLIP-UP B/16's features are checked against the same weights on the `padded` path
+with the same (dropless) routing: a change of path must not change what the model computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.accelerator import host_params, inputs
+from clipup_jax.checkpoints.params import model_from_params
+from clipup_jax.config import ModelConfig, preset
+from clipup_jax.models.clip import l2_normalize
+from clipup_jax.models.dispatcher import model_dispatchers
+from clipup_jax.models.flops import image_flops, text_flops
+from clipup_jax.train.recipes import CLIPUP_PLAN, sparse
+
+GOAL_VS_DENSE = 1.40  # CLIP-UP B/16 time / dense B/16 time, image and text (issue 17; the FLOPs floor is 1.32)
+GOAL_VS_L14 = 0.25  # CLIP-UP B/16 image time / dense L/14 image time
+FEATURE_TOLERANCE = 1e-4  # max |difference| of L2-normalised float32 features between two paths
+
+
+def _capped(cfg: ModelConfig) -> ModelConfig:
+    return cfg.with_moe(dataclasses.replace(CLIPUP_PLAN, eval_capacity_factor=2.0, eval_dispatch="padded"))
+
+
+def models(quick: bool) -> dict[str, ModelConfig]:
+    b16, l14 = (preset("tiny"), preset("tiny")) if quick else (preset("ViT-B-16"), preset("ViT-L-14"))
+    return {"dense B/16": b16, "CLIP-UP B/16": sparse(b16), "CLIP-UP B/16, capped (eval cf 2, padded)": _capped(b16),
+            "dense L/14": l14, "CLIP-UP L/14": sparse(l14)}
+
+
+def _encoders(cfg: ModelConfig, params: dict[str, np.ndarray], dtype: Any = jnp.float32) -> tuple[Callable, Callable, Any]:
+    graphdef, state = nnx.split(model_from_params(cfg, params, dtype))
+    image = jax.jit(lambda state, pixels: nnx.merge(graphdef, state).encode_image(pixels))
+    text = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).encode_text(tokens))
+    return image, text, state
+
+
+def check_paths(cfg: ModelConfig, batch: int) -> float:
+    """Max |difference| of L2-normalised features, CLIP-UP's chosen path vs `padded` with the same routing."""
+    params = host_params(cfg, seed=1)
+    x = inputs(cfg, batch, seed=1)
+    reference = cfg.with_moe(dataclasses.replace(cfg.vision.moe, eval_dispatch="padded"))
+    out = []
+    for c in (cfg, reference):
+        image, text, state = _encoders(c, params)
+        out.append(np.concatenate([np.asarray(l2_normalize(image(state, x["pixels"]))),
+                                   np.asarray(l2_normalize(text(state, x["tokens"])))]))
+    return float(np.abs(out[0] - out[1]).max())
+
+
+def measure(configs: dict[str, ModelConfig], batch: int, reps: int,
+            dtype: Any = jnp.float32) -> dict[str, dict[str, float]]:
+    """Median seconds of each (model, tower) at `batch` in compute `dtype`, calls interleaved over `reps` rounds."""
+    calls = {}
+    for name, cfg in configs.items():
+        image, text, state = _encoders(cfg, host_params(cfg), dtype)
+        x = inputs(cfg, batch)
+        for tower, fn, arg in (("image", image, x["pixels"]), ("text", text, x["tokens"])):
+            started = time.perf_counter()
+            compiled = fn.lower(state, arg).compile()
+            jax.block_until_ready(compiled(state, arg))
+            print(f"  batch {batch}: {name} {tower} compiled and warmed up in {time.perf_counter() - started:.1f}s",
+                  flush=True)
+            calls[(name, tower)] = (compiled, state, arg)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+    for rep in range(reps):
+        for key, (compiled, state, arg) in calls.items():
+            started = time.perf_counter()
+            jax.block_until_ready(compiled(state, arg))
+            times[key].append(time.perf_counter() - started)
+        print(f"  batch {batch}: round {rep + 1}/{reps} done", flush=True)
+    return {name: {tower: statistics.median(times[(name, tower)]) for tower in ("image", "text")} for name in configs}
+
+
+def table(configs: dict[str, ModelConfig], batch: int, seconds: dict[str, dict[str, float]],
+          backend: str | None = None) -> list[str]:
+    base, big = "dense B/16", "dense L/14"
+    lines = [f"Batch {batch}:", "",
+             "| model | image ms | text ms | image GFLOP | text GFLOP | image time / dense B/16 | image FLOPs / dense "
+             "B/16 | text time / dense B/16 | text FLOPs / dense B/16 | image time / dense L/14 | MoE eval dispatch |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, cfg in configs.items():
+        s = seconds[name]
+        f_img, f_txt = image_flops(cfg), text_flops(cfg)
+        chosen = model_dispatchers(cfg, backend=backend)
+        dispatch = chosen["image"][1].describe() if "image" in chosen else "-"
+        vs_big = f"{s['image'] / seconds[big]['image']:.2f}" if big in seconds else ""
+        lines.append(
+            f"| {name} | {s['image'] * 1e3:,.0f} | {s['text'] * 1e3:,.0f} | {f_img / 1e9:.1f} | {f_txt / 1e9:.2f} | "
+            f"{s['image'] / seconds[base]['image']:.2f} | {f_img / image_flops(configs[base]):.2f} | "
+            f"{s['text'] / seconds[base]['text']:.2f} | {f_txt / text_flops(configs[base]):.2f} | {vs_big} | "
+            f"{dispatch} |")
+    return lines + [""]
+
+
+def section(quick: bool = False, batches: tuple[int, ...] | None = None, reps: int | None = None,
+            names: tuple[str, ...] | None = None):
+    from benchmarks.run import Goal, Section
+
+    batches = batches or ((2,) if quick else (8, 64))
+    reps = reps or (2 if quick else 3)
+    configs = models(quick)
+    if names:
+        unknown = sorted(set(names) - set(configs))
+        if unknown:
+            raise ValueError(f"--models {unknown}: expected names from {sorted(configs)}")
+        configs = {n: c for n, c in configs.items() if n in names or n in ("dense B/16",)}
+    error = check_paths(configs.get("CLIP-UP B/16", sparse(configs["dense B/16"])), 2 if quick else 8)
+    command = "python -m benchmarks.inference" + (" --quick" if quick else f" --batches {' '.join(map(str, batches))} "
+                                                                          f"--reps {reps}")
+    lines = [f"Command: `{command}` (jax {jax.__version__}, {jax.default_backend()}, float32, random weights, "
+             f"median of {reps} interleaved calls per cell). CLIP-UP's eval path against `padded` buffers with the "
+             f"same dropless routing: max |feature difference| {error:.1e} (L2-normalised, tolerance "
+             f"{FEATURE_TOLERANCE:g}).", ""]
+    goals = [Goal("CLIP-UP B/16 features equal on its eval path and on padded buffers",
+                  f"max difference {error:.1e}", error <= FEATURE_TOLERANCE)]
+    values = {}
+    for batch in batches:
+        seconds = measure(configs, batch, reps)
+        lines += table(configs, batch, seconds)
+        if "CLIP-UP B/16" in seconds:
+            for tower in ("image", "text"):
+                ratio = seconds["CLIP-UP B/16"][tower] / seconds["dense B/16"][tower]
+                values[f"clipup_b16_{tower}_vs_dense_b{batch}"] = ratio
+                goals.append(Goal(f"CLIP-UP B/16 {tower} time <= {GOAL_VS_DENSE:.2f}x dense B/16 (batch {batch})",
+                                  f"{ratio:.2f}x", ratio <= GOAL_VS_DENSE))
+            if "dense L/14" in seconds:
+                ratio = seconds["CLIP-UP B/16"]["image"] / seconds["dense L/14"]["image"]
+                values[f"clipup_b16_image_vs_l14_b{batch}"] = ratio
+                goals.append(Goal(f"CLIP-UP B/16 image time <= {GOAL_VS_L14:.2f}x dense L/14 (batch {batch})",
+                                  f"{ratio:.2f}x (FLOPs {image_flops(configs['CLIP-UP B/16']) / image_flops(configs['dense L/14']):.2f}x)",
+                                  ratio <= GOAL_VS_L14))
+    lines.append(NOTES)
+    return Section("Inference: CLIP-UP against dense B/16 and L/14 (benchmarks/inference.py)", "\n".join(lines),
+                   goals, values)
+
+
+NOTES = ("FLOPs are `models/flops.py`'s active forward FLOPs (top-k experts per token). The capped row is what "
+         "CLIP-UP ran before the dispatch decision: buffers of eval capacity factor 2.0 hold twice the routed "
+         "tokens, and every slot is computed whether a token fills it or not.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=None, help="a subset of the model names (dense B/16 is kept)")
+    parser.add_argument("--quick", action="store_true", help="tiny models, batch 2, 2 reps (a smoke run)")
+    args = parser.parse_args()
+    print(section(args.quick, None if args.quick else tuple(args.batches), None if args.quick else args.reps,
+                  tuple(args.models) if args.models else None).markdown())
+
+
+if __name__ == "__main__":
+    main()
