@@ -233,6 +233,10 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def differences(self, other: "ModelConfig") -> list[str]:
+        """'field: this -> other' for every leaf field that differs (dotted, e.g. 'vision.moe.top_k: 2 -> 1')."""
+        return [f"{name}: {a!r} -> {b!r}" for name, a, b in _diff(self.to_dict(), other.to_dict(), "")]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -246,6 +250,12 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
         return cls.from_dict(json.loads(text))
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in a for d in _diff(a[key], b[key], f"{prefix}{key}.")]
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
 def model_config(experiment: Any) -> ModelConfig:

@@ -107,6 +107,29 @@ class Checkpoint:
         """The file or directory to hand to `Tokenizer.from_path`, or None."""
         return tokenizer_path(self.path, self.metadata)
 
+    def tokenizer(self, given: pathlib.Path | None = None, flag: str = "--tokenizer"):
+        """`given` (a user's tokenizer file or directory) or else the checkpoint's own, checked against the text
+        tower: fewer tokens than its embedding rows is fine (ids index into the table), more is refused."""
+        from clipup_jax.data.tokenizer import Tokenizer  # data/ is heavy; only text paths need it
+
+        path = given if given is not None else self.tokenizer_path
+        if path is None:
+            raise CheckpointError(f"{self.path}: has no tokenizer; pass {flag} FILE (a bpe .txt.gz, or a directory "
+                                  "with vocab.json and merges.txt)")
+        if not pathlib.Path(path).exists():
+            raise CheckpointError(f"{flag} {path}: no such file or directory")
+        tok = Tokenizer.from_path(path)
+        check_tokenizer_fits(path, tok.vocab_size, self.config)
+        return tok
+
+
+def check_tokenizer_fits(path: pathlib.Path, vocab_size: int, config: ModelConfig) -> None:
+    """A tokenizer with fewer tokens than the text tower's embedding rows is fine (its ids index into the table);
+    more is refused."""
+    if vocab_size > config.text.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {vocab_size} tokens, more than the {config.text.vocab_size} "
+                              "rows of the text tower's token embedding")
+
 
 def tokenizer_path(directory: pathlib.Path, metadata: Mapping[str, Any]) -> pathlib.Path | None:
     """Where the checkpoint at `directory` (with its `clipup.json` `metadata`) keeps its tokenizer, or None."""
@@ -166,8 +189,10 @@ def _remove(tmp: pathlib.Path, attempts: int = 50) -> None:
 
 
 def atomic_file(out: pathlib.Path, write: Callable[[Any], None]) -> None:
-    """Writes a single file through a temporary sibling, so readers never see a partial file."""
+    """Writes a single file through a temporary sibling, so readers never see a partial file; missing parent
+    directories are made, as for checkpoints."""
     out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:

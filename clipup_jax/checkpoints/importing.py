@@ -10,7 +10,7 @@ import numpy as np
 
 from clipup_jax.checkpoints import big_vision, hf, openai
 from clipup_jax.checkpoints.errors import CheckpointError
-from clipup_jax.checkpoints.format import save_checkpoint
+from clipup_jax.checkpoints.format import check_tokenizer_fits, save_checkpoint
 from clipup_jax.checkpoints.tensor_files import read_tensors
 from clipup_jax.config import ConfigError, ModelConfig
 from clipup_jax.data import tokenizer as tokenizer_lib
@@ -113,9 +113,7 @@ def import_checkpoint(source: str, src: str | pathlib.Path, out: str | pathlib.P
     tokenizer_files, entry = None, None
     if imported.tokenizer is not None:
         tok = tokenizer_lib.Tokenizer.from_path(imported.tokenizer)
-        if tok.vocab_size != imported.config.text.vocab_size:
-            raise CheckpointError(f"{imported.tokenizer}: tokenizer has {tok.vocab_size} tokens but the text tower "
-                                  f"embeds {imported.config.text.vocab_size}")
+        check_tokenizer_fits(imported.tokenizer, tok.vocab_size, imported.config)
         tokenizer_files = tokenizer_lib.source_files(imported.tokenizer)
         entry = None if imported.tokenizer.is_dir() else imported.tokenizer.name
     save_checkpoint(out, imported.config, imported.params, force=force, tokenizer_files=tokenizer_files,

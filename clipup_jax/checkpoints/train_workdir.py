@@ -1,6 +1,6 @@
 """Reading a `clipup-train` work directory as a checkpoint: its latest complete step's parameters.
 
-The trainer writes `clipup.json` and `tokenizer/` at the top of the workdir and Orbax
+The trainer writes `clipup.json`, `config.json` and `tokenizer/` at the top of the workdir and Orbax
 steps under `checkpoints/<step>/state` (params, optimizer state, step, RNG state).
 Orbax publishes a step only once every file is written, so the latest listed step
 is complete. Only the params subtree is read.
@@ -20,6 +20,7 @@ from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.models.param_tree import nest
 
 CHECKPOINTS_DIR = "checkpoints"
+SAVED_CONFIG = "config.json"  # the run's experiment config, as `clipup-eval` reads it back
 STATE_ITEM = "state"
 ITEMS = (STATE_ITEM, "data")
 

@@ -14,7 +14,6 @@ from clipup_jax.checkpoints.format import atomic_file, load_checkpoint
 from clipup_jax.checkpoints.params import model_from_params
 from clipup_jax.cli.errors import Parser, run_cli
 from clipup_jax.data.image_ops import list_images, load_image
-from clipup_jax.data.tokenizer import Tokenizer
 from clipup_jax.evaluate.embedding import Embedder, chunks
 
 
@@ -27,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     texts = parser.add_mutually_exclusive_group()
     texts.add_argument("--tokens", type=pathlib.Path, help="int32 (N, L) token ids, .npy")
     texts.add_argument("--texts", type=pathlib.Path, help="text file, one caption per line")
+    parser.add_argument("--tokenizer", type=pathlib.Path,
+                        help="for --texts: a tokenizer (bpe .txt.gz, or a dir with vocab.json + merges.txt) to use "
+                             "instead of the checkpoint's, e.g. for one imported without any")
     parser.add_argument("--out", type=pathlib.Path, required=True, help="output .npz")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -70,6 +72,7 @@ def _embed(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.out}: already exists (pass --force to replace it)")
     ckpt = load_checkpoint(args.checkpoint, opt_state=False)
     cfg = ckpt.config
+    tokenizer = ckpt.tokenizer(args.tokenizer) if args.texts is not None else None  # before any embedding work
     embedder = Embedder(model_from_params(cfg, ckpt.params, source=str(args.checkpoint)), args.batch_size)
     size = cfg.vision.image_size
     results: dict[str, np.ndarray] = {"logit_scale": np.float32(embedder.logit_scale)}
@@ -97,10 +100,8 @@ def _embed(args: argparse.Namespace) -> None:
                              f"got [{tokens.min()}, {tokens.max()}]")
         results["text_features"] = embedder.texts(chunks(tokens.astype(np.int32), args.batch_size))
     elif args.texts is not None:
-        if ckpt.tokenizer_path is None:
-            raise ValueError(f"{args.checkpoint}: has no tokenizer; pass --tokens, or import with --tokenizer")
         captions = _captions(args.texts)
-        tokens = Tokenizer.from_path(ckpt.tokenizer_path)(captions, context_length=cfg.text.context_length)
+        tokens = tokenizer(captions, context_length=cfg.text.context_length)
         results["text_features"] = embedder.texts(chunks(tokens, args.batch_size))
     atomic_file(args.out, lambda f: np.savez(f, **results))
     counts = ", ".join(f"{k} {v.shape}" for k, v in results.items() if k.endswith("features"))

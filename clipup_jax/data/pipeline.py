@@ -216,7 +216,8 @@ class EvalExample:
     def __call__(self, local_index: int, record: dict) -> dict:
         index = self.process_index + local_index * self.process_count
         captions = usable_captions(record)[: self.max_captions]
-        image = decode_image(record) if captions else "no usable caption"
+        # A labelled image without captions is a zero-shot example; otherwise an image needs a caption.
+        image = decode_image(record) if captions or LABEL in record else "no usable caption"
         if isinstance(image, str):
             _note_skip(record.get(KEY), image)
             return self.empty(index, 1)

@@ -69,16 +69,20 @@ def evaluate(model: CLIP, data: EvalData, batch_size: int = 256) -> dict[str, fl
     for batch in pipeline:
         b, c, length = batch["tokens"].shape
         images.append(embedder.images([batch["pixels"]]))
-        texts.append(embedder.texts(chunks(batch["tokens"].reshape(b * c, length), batch_size)))
+        if batch["caption_mask"].any():
+            texts.append(embedder.texts(chunks(batch["tokens"].reshape(b * c, length), batch_size)))
+        else:  # a classification set: no caption to embed
+            texts.append(np.zeros((b * c, cfg.embed_dim), np.float32))
         image_mask.append(batch["mask"])
         caption_mask.append(batch["caption_mask"] & batch["mask"][:, None])
         labels.append(batch["label"])
     images, texts = _gather(np.concatenate(images)), _gather(np.concatenate(texts))
     image_mask, caption_mask = _gather(np.concatenate(image_mask)), _gather(np.concatenate(caption_mask))
     labels = _gather(np.concatenate(labels))
-    captions_per_image = caption_mask.shape[1]
-    owner = np.repeat(np.arange(len(images)), captions_per_image)
-    metrics = retrieval_metrics(images, texts, owner, image_mask=image_mask, text_mask=caption_mask.reshape(-1))
+    metrics = {}
+    if caption_mask.any():  # a classification set (ImageNet) has labels and no captions
+        owner = np.repeat(np.arange(len(images)), caption_mask.shape[1])
+        metrics = retrieval_metrics(images, texts, owner, image_mask=image_mask, text_mask=caption_mask.reshape(-1))
     if data.class_names and (labels[image_mask] >= 0).all():
         classes = class_embeddings(lambda t: embedder.texts(chunks(t, batch_size)), data.tokenizer, data.class_names,
                                    data.templates, cfg.text.context_length)

@@ -14,10 +14,11 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipup_jax.config import ModelConfig
-from clipup_jax.models.param_tree import abstract_params, logical_axes, path_shapes, tree_path_name
+from clipup_jax.models.param_tree import abstract_params, logical_axes, tree_path_name
 from clipup_jax.parallel.mesh import AXIS_ORDER
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -82,17 +83,30 @@ def shard_params(params: Mapping[str, np.ndarray], shardings: Mapping[str, Named
 
 def state_shardings(state: Any, mesh: Mesh, cfg: ModelConfig) -> Any:
     """Shardings of a train state (any pytree whose `params` field is the parameter tree, concrete or abstract):
-    params by the logical-axis rules; optimizer moments like their parameter; everything else replicated."""
+    params by the logical-axis rules; every subtree shaped like the parameter tree (Adam's moments, gradient
+    accumulators; `optax.masked` leaves a `MaskedNode` where a parameter group does not apply) like the params,
+    position by position; everything else replicated."""
     by_name = param_shardings(cfg, mesh)
-    shapes = path_shapes(state.params)
+    leaves = jax.tree_util.tree_leaves_with_path(state.params)
+    params_def = jax.tree.structure(state.params)
+    shapes = [tuple(leaf.shape) for _, leaf in leaves]
+    specs = [by_name[tree_path_name(path)] for path, _ in leaves]
     replicated = NamedSharding(mesh, P())
 
-    def pick(path, leaf):
-        parts = tree_path_name(path).split("/")
-        for start in range(len(parts)):  # optimizer paths end with the parameter's own name
-            name = "/".join(parts[start:])
-            if name in by_name and tuple(leaf.shape) == shapes[name]:
-                return by_name[name]
-        return replicated
+    def like_params(node: Any) -> bool:
+        if isinstance(node, optax.MaskedNode):
+            return False
+        flat, treedef = jax.tree.flatten(node, is_leaf=_masked)
+        return treedef == params_def and all(_masked(x) or tuple(np.shape(x)) == s for x, s in zip(flat, shapes))
 
-    return jax.tree_util.tree_map_with_path(pick, state)
+    def place(node: Any) -> Any:
+        if not like_params(node):
+            return replicated
+        flat, treedef = jax.tree.flatten(node, is_leaf=_masked)
+        return jax.tree.unflatten(treedef, [x if _masked(x) else spec for x, spec in zip(flat, specs)])
+
+    return jax.tree.map(place, state, is_leaf=like_params)
+
+
+def _masked(node: Any) -> bool:
+    return isinstance(node, optax.MaskedNode)

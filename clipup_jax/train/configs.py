@@ -1,4 +1,5 @@
-"""Experiment configs: a Python file exposing `get_config()`, plus `--config.a.b=value` overrides.
+"""Experiment configs: a Python file exposing `get_config()` (or a run's saved `config.json`), plus
+`--config.a.b=value` overrides.
 
 Only the file the user names is executed. Overrides must name an existing field
 (a typo is an error, never a silent new key) and keep its type.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import pathlib
 import types
 from typing import Any, Sequence
@@ -46,7 +48,17 @@ def run_entry(path: str | pathlib.Path, what: str, entry: str) -> tuple[types.Mo
 
 
 def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    _, config = run_entry(path, "config", "get_config")
+    """An experiment file's `get_config()`, or a `.json` config as a training run saves it, with `overrides`."""
+    path = pathlib.Path(path)
+    if path.suffix == ".json":
+        try:
+            config = ml_collections.ConfigDict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ConfigFileError(f"{path}: config file not found") from None
+        except (OSError, ValueError) as e:
+            raise ConfigFileError(f"{path}: not a JSON config ({e})") from e
+    else:
+        _, config = run_entry(path, "config", "get_config")
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigFileError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
     for override in overrides:

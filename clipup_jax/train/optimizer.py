@@ -22,6 +22,16 @@ from clipup_jax.models.param_tree import tree_path_name
 DEFAULT_NO_DECAY = r"(bias|/scale|embed|class_embedding|logit_scale|logit_bias)$"
 
 
+def warmup_note(cfg: ml_collections.ConfigDict, total_steps: int) -> str | None:
+    """A warning when the warmup is not shorter than the run: its learning rate never reaches `cfg.lr`. The
+    schedule is left as configured, so a run continued to a larger `total_steps` stays on one schedule."""
+    if int(cfg.warmup_steps) < total_steps:
+        return None
+    return (f"warning: config.optim.warmup_steps={cfg.warmup_steps} is not shorter than config.total_steps="
+            f"{total_steps}: the learning rate is still rising at the last step and never reaches "
+            f"config.optim.lr={cfg.lr:g}")
+
+
 def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warmup, then cosine to `end_lr_fraction * lr`, inverse square root, or constant."""
     warmup = int(cfg.warmup_steps)

@@ -1,4 +1,4 @@
-"""The training loop, top to bottom: mesh, model, state, restore-or-init, step, log, evaluate, save."""
+"""The training loop, top to bottom in `train`: mesh, state (restore or init), step, loop, periodic actions."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from clipup_jax.checkpoints.format import TOKENIZER_DIR, load_checkpoint, metadata_dict, read_metadata, write_metadata
-from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR
+from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR, SAVED_CONFIG
 from clipup_jax.checkpoints.params import assign_params, check_params
 from clipup_jax.config import ModelConfig, model_config
 from clipup_jax.data.tokenizer import source_files
@@ -30,7 +30,7 @@ from clipup_jax.parallel.sharding import batch_spec, data_parallel_size, param_s
 from clipup_jax.train.checkpointing import TrainCheckpoints, abstract_like
 from clipup_jax.train.metrics_log import MetricsLog, scalar_metrics
 from clipup_jax.train.losses import make_contrastive_loss
-from clipup_jax.train.optimizer import make_optimizer, schedule as make_schedule
+from clipup_jax.train.optimizer import make_optimizer, schedule as make_schedule, warmup_note
 from clipup_jax.train.health import NONFINITE_POLICIES, NonFiniteGuard
 from clipup_jax.train.step import TrainState, flops_per_step, init_state, make_train_step
 from clipup_jax.workarounds import apply as apply_workarounds, release_free_memory
@@ -93,12 +93,12 @@ def _check_init(config: ml_collections.ConfigDict, cfg: ModelConfig, init: Model
     if init != cfg and init != dense:
         if init.is_sparse and not cfg.is_sparse:
             what = "a sparse checkpoint, but config.model is dense"
-        elif cfg.is_sparse and not init.is_sparse:
-            what = "a dense checkpoint that differs from config.model without its MoE layers (nothing to upcycle)"
-        else:
-            what = "its model config differs from config.model"
-        raise ValueError(f"config.init.checkpoint={config.init.checkpoint}: {what}; fix config.model or start "
-                         "from a compatible checkpoint")
+        else:  # a dense checkpoint must match config.model without its MoE plans; a sparse one, config.model
+            differ = (dense if not init.is_sparse else cfg).differences(init)
+            what = (f"its model differs from config.model{' without its MoE layers' if not init.is_sparse else ''} "
+                    f"in {len(differ)} field(s) (config -> checkpoint): {'; '.join(differ)}")
+        raise ValueError(f"config.init.checkpoint={config.init.checkpoint}: {what}; set those config.model fields "
+                         "or start from a compatible checkpoint")
 
 
 def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None) -> None:
@@ -185,34 +185,44 @@ def _write_workdir_metadata(workdir: pathlib.Path, cfg: ModelConfig, tokenizer: 
         entry = TOKENIZER_DIR if tokenizer.is_dir() else f"{TOKENIZER_DIR}/{tokenizer.name}"
     source = {"format": "clipup-train", "init": str(config.init.checkpoint or "")}
     write_metadata(workdir, metadata_dict(cfg, source, entry, "adam"))
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    (workdir / SAVED_CONFIG).write_text(config.to_json_best_effort(indent=2) + "\n")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, data: DataFactory,
           tokenizer: pathlib.Path | None = None, evaluate: EvalFn | None = None,
           upcycle: Callable | None = None) -> dict[str, Any]:
     """Runs (or resumes) `config` in `workdir`; returns this run's logged metrics and evaluations (read back from
-    metrics.jsonl: a long run keeps none of them in memory) and the final params."""
+    metrics.jsonl: a long run keeps none of them in memory) and the final params.
+
+    To follow one step, hold six things: the mesh (`config.mesh`, set for the whole run); the abstract train
+    state and its shardings, from which a fresh init, a restore and the layout table are all made; the data
+    iterator (this process's rows of each global batch, its position saved with the state); the jitted step,
+    `(state, batch) -> (state, metrics, health)`; the non-finite guard reading `health` one step late; and the
+    periodic actions after each step (log, eval, save; SIGTERM saves and stops).
+    """
     apply_workarounds()  # for programs that call the library, not a CLI
     workdir = pathlib.Path(workdir)
     check_config(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = model_config(config)
-    mesh = config_mesh(config)
     main_process = jax.process_index() == 0
     log = MetricsLog(workdir, config.total_steps, enabled=main_process)
+    note = warmup_note(config.optim, config.total_steps)
+    if note and main_process:
+        print(note, flush=True)
 
+    # ---------------------------------------------------------------- mesh
+    mesh = config_mesh(config)
     with jax.set_mesh(mesh):
+        # ------------------------------------------------------------ state: restore or init, never both
         checkpoints = TrainCheckpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
-        resuming = checkpoints.latest_step() is not None
         graphdef, tx, schedule, abstract = abstract_train_state(config)
         shardings = state_shardings(abstract, mesh, cfg)
-        if main_process:
-            # printed, and the full table in layout.txt
+        if main_process:  # printed, and the full table in layout.txt
             report_layout(abstract, shardings, workdir, describe_dispatchers(model_dispatchers(cfg, dict(mesh.shape))))
         data_iter = data(cfg, jax.process_index(), jax.process_count())
         started = time.perf_counter()
-        if resuming:  # straight into the shardings; the init checkpoint is not read again
+        if checkpoints.latest_step() is not None:  # straight into the shardings; the init checkpoint is not read
             try:
                 state, _ = checkpoints.restore(abstract_like(abstract, shardings), data_iter)
             except ValueError as e:
@@ -227,12 +237,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
                 source = config.init.checkpoint or f"a random init (config.seed={config.seed})"
                 print(f"train state from {source} in {time.perf_counter() - started:.1f}s", flush=True)
 
-        batch_sharding = batch_shardings(mesh)
+        # ------------------------------------------------------------ step
         step_fn = _jit_step(config, graphdef, tx, schedule, shardings, mesh)
+        batch_sharding = batch_shardings(mesh)
 
         def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
             return {k: jax.make_array_from_process_local_data(batch_sharding[k], local[k]) for k in batch_sharding}
 
+        # ------------------------------------------------------------ loop
         preempted = []
         previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
         guard = NonFiniteGuard(config, checkpoints.latest_step, main_process)
@@ -248,14 +260,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
                 skipped += int(local.get("num_skipped", 0))
                 batch = global_batch(local)
                 if flops is None:
-                    started = time.perf_counter()
-                    if main_process:
-                        print("compiling the train step ...", flush=True)
-                    flops = flops_per_step(step_fn.lower(state, batch).compile())
-                    if main_process:
-                        print(f"compiled the train step in {time.perf_counter() - started:.1f}s "
-                              f"({flops / 1e9:.3g} GFLOP per step)", flush=True)
+                    flops = _compile(step_fn, state, batch, main_process)
                 state, metrics, health = step_fn(state, batch)
+
+                # ---------------------------------------------------- periodic actions
                 last = step == config.total_steps
                 stopping = bool(preempted)  # read once: the save below and the break agree
                 log_now = step % config.log_every == 0 or last
@@ -263,21 +271,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
                 guard.check(step, health, now=log_now or eval_now or last or stopping
                             or checkpoints.manager.should_save(step))
                 if log_now:
-                    scalars = {**scalar_metrics(jax.device_get(metrics)), "data/skipped_examples": float(skipped),
-                               "train/skipped_nonfinite_steps": float(guard.skipped)}
-                    shown = {k: scalars[k] for k in ("loss", "contrastive_loss", "aux_loss", "lr") if k in scalars}
-                    rates = log.progress(step, shown, config.batch_size)
-                    if rates and flops:
-                        rates["tflops_per_s"] = flops / rates["step_time_s"] / 1e12
-                        if config.peak_tflops_per_device:
-                            rates["mfu"] = rates["tflops_per_s"] / (config.peak_tflops_per_device * jax.device_count())
-                    log.write(step, {**scalars, **rates})
+                    counters = {"data/skipped_examples": float(skipped),
+                                "train/skipped_nonfinite_steps": float(guard.skipped)}
+                    _log_step(log, config, step, metrics, counters, flops)
                 if eval_now:
-                    results = evaluate(nnx.merge(graphdef, state.params, state.rest), step)
-                    log.write(step, {f"eval/{k}": v for k, v in results.items()})
-                    if main_process:
-                        shown = {k: v for k, v in results.items() if not k.startswith("eval_")}
-                        print(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()), flush=True)
+                    _evaluate(log, evaluate, nnx.merge(graphdef, state.params, state.rest), step, main_process)
                 saved = checkpoints.save(step, state, data_iter, force=last or stopping)
                 if saved or eval_now:
                     release_free_memory()  # what the save's and eval's host buffers left behind
@@ -294,3 +292,35 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
         (workdir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     history["final_params"] = state.params
     return history
+
+
+def _compile(step_fn, state: TrainState, batch: dict[str, jax.Array], verbose: bool) -> float:
+    """Compiles the step for this state and batch (the loop's first call then runs it); its FLOPs per step."""
+    started = time.perf_counter()
+    if verbose:
+        print("compiling the train step ...", flush=True)
+    flops = flops_per_step(step_fn.lower(state, batch).compile())
+    if verbose:
+        print(f"compiled the train step in {time.perf_counter() - started:.1f}s ({flops / 1e9:.3g} GFLOP per step)",
+              flush=True)
+    return flops
+
+
+def _log_step(log: MetricsLog, config: ml_collections.ConfigDict, step: int, metrics: dict[str, jax.Array],
+              counters: dict[str, float], flops: float) -> None:
+    scalars = {**scalar_metrics(jax.device_get(metrics)), **counters}
+    shown = {k: scalars[k] for k in ("loss", "contrastive_loss", "aux_loss", "lr") if k in scalars}
+    rates = log.progress(step, shown, config.batch_size)
+    if rates and flops:
+        rates["tflops_per_s"] = flops / rates["step_time_s"] / 1e12
+        if config.peak_tflops_per_device:
+            rates["mfu"] = rates["tflops_per_s"] / (config.peak_tflops_per_device * jax.device_count())
+    log.write(step, {**scalars, **rates})
+
+
+def _evaluate(log: MetricsLog, evaluate: EvalFn, model: CLIP, step: int, verbose: bool) -> None:
+    results = evaluate(model, step)
+    log.write(step, {f"eval/{k}": v for k, v in results.items()})
+    if verbose:
+        shown = {k: v for k, v in results.items() if not k.startswith("eval_")}
+        print(f"[eval step {step}] " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()), flush=True)

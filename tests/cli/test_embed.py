@@ -133,3 +133,36 @@ def test_texts_need_a_tokenizer(tmp_path, capsys):
     code, out, err = invoke(embed, ["--checkpoint", tmp_path / "c", "--texts", tmp_path / "caps.txt",
                                     "--out", tmp_path / "o.npz"], capsys)
     assert code != 0 and "no tokenizer" in err
+
+
+def test_a_tokenizer_given_for_a_checkpoint_without_one(setup, tmp_path, capsys):
+    """--tokenizer stands in for a missing one; fewer tokens than the embedding rows is fine, more is refused."""
+    import dataclasses
+
+    from clipup_jax.checkpoints.format import load_checkpoint, save_checkpoint
+    from clipup_jax.config import preset
+    from clipup_jax.models import CLIP
+    from clipup_jax.models.param_tree import params_of
+    from flax import nnx
+
+    root, _, ckpt = setup
+    own = load_checkpoint(ckpt)
+    save_checkpoint(tmp_path / "bare", own.config, own.params, source={})
+    args = ["--texts", root / "captions.txt", "--batch-size", 3]
+    code, _, err = invoke(embed, ["--checkpoint", ckpt, *args, "--out", tmp_path / "own.npz"], capsys)
+    assert code == 0, err
+    code, _, err = invoke(embed, ["--checkpoint", tmp_path / "bare", *args, "--tokenizer", root / "hf",
+                                  "--out", tmp_path / "given.npz"], capsys)
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "given.npz")["text_features"],
+                                  np.load(tmp_path / "own.npz")["text_features"])
+    vocab = own.config.text.vocab_size
+    for rows, ok in ((vocab + 100, True), (vocab - 1, False)):
+        cfg = preset("tiny")
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=rows))
+        save_checkpoint(tmp_path / f"v{rows}", cfg, params_of(CLIP(cfg, nnx.Rngs(0))), source={})
+        code, _, err = invoke(embed, ["--checkpoint", tmp_path / f"v{rows}", *args, "--tokenizer", root / "hf",
+                                      "--out", tmp_path / f"v{rows}.npz"], capsys)
+        assert (code == 0) == ok, err
+        assert ok or (f"tokenizer has {vocab} tokens, more than the {rows} rows" in err
+                      and not (tmp_path / f"v{rows}.npz").exists())

@@ -29,6 +29,13 @@ def test_eval_a_training_workdir(tmp_path, capsys):
     shown = {line.split()[0]: float(line.split()[1]) for line in table if line.startswith("  ")}
     assert shown["text_to_image_R@10"] == round(metrics["text_to_image_R@10"], 4)  # the same units as training
 
+    # Without --config the run's own saved config.json names the eval set; --out may name new directories.
+    code, out, err = invoke(eval_main, ["--checkpoint", tmp_path / "run", "--config.data.eval_size=24",
+                                        "--out", tmp_path / "new" / "dir" / "m.json"], capsys)
+    assert code == 0, err
+    assert f"evaluating on synthetic:eval (config {tmp_path / 'run' / 'config.json'})" in out
+    assert json.loads((tmp_path / "new" / "dir" / "m.json").read_text()) == metrics
+
 
 def test_sweep_dry_run_and_bad_override(tmp_path, capsys):
     code, out, err = invoke(sweep_main, [EXPERIMENTS / "sweeps" / "clipup_demo_ablations.py",

@@ -1,5 +1,5 @@
-"""What clipup-train says while it starts: how it got its train state (and how long that took), that it is
-compiling and then the compile time, and, relaunched on a finished run, that the run is finished; a training data
+"""What clipup-train says while it starts: a warmup as long as the run, how it got its train state (and how long
+that took), that it is compiling and then the compile time, and, relaunched on a finished run, that the run is finished; a training data
 path that does not exist fails before anything is written."""
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ TINY = ["--config.model.vision.width=32", "--config.model.vision.mlp_dim=64", "-
 
 
 def test_start_up_says_what_it_does_and_a_finished_run_says_so(tmp_path, capsys):
-    argv = ["--config", EXPERIMENT, "--workdir", tmp_path / "run", *TINY]
+    argv = ["--config", EXPERIMENT, "--workdir", tmp_path / "run", *TINY, "--config.optim.warmup_steps=2"]
     code, out, err = invoke(train_main, argv, capsys)
     assert code == 0, err
+    assert ("warning: config.optim.warmup_steps=2 is not shorter than config.total_steps=2: the learning rate is "
+            "still rising at the last step") in out
     lines = out.splitlines()
     state = next(i for i, line in enumerate(lines) if line.startswith("train state from a random init (config.seed=0) in "))
     compiling = lines.index("compiling the train step ...")

@@ -89,3 +89,28 @@ def test_uneven_shards_are_flagged():
     assert layout.min_device_bytes == 4  # the last device: no row of w (or of its moment), one b
     assert {r.group: r.opt_bytes for r in layout.rows} == {"w": 16, "b": 0}
     assert "WARNING: devices differ" in format_layout(layout)
+
+
+def test_optimizer_state_follows_the_parameters_by_structure():
+    """Parameter groups (frozen, learning-rate multipliers, no decay) make `optax.masked` trees with `MaskedNode`
+    holes, and gradient accumulation adds another params-shaped tree: every array leaf of each must carry its
+    parameter's sharding, and only the non-parameter leaves (counters) stay replicated."""
+    config = base_config(MODEL)
+    config.mesh = ml_collections.ConfigDict({"fsdp": 2, "expert": 4})
+    config.optim.freeze = [r"^text/token_embedding"]
+    config.optim.lr_mults = [[r"router_kernel$", 10.0]]
+    config.optim.accum_steps = 2
+    state = abstract_train_state(config)[3]
+    shardings = state_shardings(state, make_mesh({"fsdp": 2, "expert": 4}), model_config(config))
+    want = {tuple(path): sharding for path, sharding in jax.tree_util.tree_leaves_with_path(shardings.params)}
+    followed = collections.Counter()
+    for path, sharding in jax.tree_util.tree_leaves_with_path(shardings.opt_state):
+        owner = next((p for p in want if tuple(path[-len(p):]) == p), None)  # the param whose path ends this one
+        if owner is None:
+            assert sharding.spec == P(), path  # counters, schedule state
+        else:
+            assert sharding == want[owner], path
+            followed[owner] += 1
+    expert = next(p for p in want if "fc1_kernel" in str(p) and want[p].spec[0] == "expert")
+    assert followed[expert] >= 3  # Adam's mu and nu, the accumulator
+    assert all(followed[p] >= 1 for p in want)  # even the frozen embedding's accumulator

@@ -12,7 +12,7 @@ from flax import nnx
 from clipup_jax.config import preset
 from clipup_jax.models import CLIP
 from clipup_jax.train.losses import clip_softmax_loss, siglip_sigmoid_loss
-from clipup_jax.train.optimizer import make_optimizer, schedule
+from clipup_jax.train.optimizer import warmup_note, make_optimizer, schedule
 from clipup_jax.train.recipes import base_config
 
 
@@ -74,3 +74,13 @@ def test_schedules():
     cfg.schedule = "linear-ish"
     with pytest.raises(ValueError, match="optim.schedule"):
         schedule(cfg, 10)
+
+
+def test_a_warmup_as_long_as_the_run_is_reported_not_changed():
+    """The learning rate would still be rising at the last step; the schedule itself stays as configured, so a
+    run continued to more steps is on the schedule it started with."""
+    cfg = base_config("tiny").optim
+    cfg.lr, cfg.warmup_steps, cfg.schedule = 1.0, 30, "constant"
+    assert warmup_note(cfg, 31) is None
+    assert "never reaches config.optim.lr=1" in warmup_note(cfg, 30)
+    assert float(schedule(cfg, 30)(15)) == pytest.approx(0.5)

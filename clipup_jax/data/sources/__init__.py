@@ -10,6 +10,9 @@ kind            argument                                     example
 ``arrayrecord`` shard files, glob, or a ``clipup-data`` dir  ``arrayrecord:/data/cc3m/*.array_record``
 ``csv``         a ``.tsv``/``.csv`` of (path, caption)       ``csv:/data/captions.tsv``
 ``synthetic``   a split of the embedded data set             ``synthetic:train`` (+ ``size=...``)
+``imagefolder`` one directory per class (ImageNet's layout)  ``imagefolder:/data/imagenet/val``
+``karpathy``    a Karpathy-split COCO / Flickr30k file       ``karpathy:/data/coco/dataset_coco.json`` (+
+                                                             ``images=DIR``, ``split=test``)
 ==============  ===========================================  ==================================================
 
 A dict spec is ``{"kind": ..., "path": <argument>, **options}``; its options go to the source's constructor.
@@ -26,6 +29,7 @@ from typing import Any, Protocol
 
 from clipup_jax.data.sources.arrayrecord import ArrayRecordSource
 from clipup_jax.data.sources.captions_table import CaptionsTableSource
+from clipup_jax.data.sources.eval_sets import ImageFolderSource, KarpathySource
 from clipup_jax.data.sources.paths import expand_braces, resolve_files
 from clipup_jax.data.sources.tfds_source import TfdsSource, tfds_source
 from clipup_jax.data.sources.webdataset import WebDatasetSource
@@ -58,6 +62,8 @@ SOURCES: dict[str, Callable[..., Source]] = {
     "arrayrecord": ArrayRecordSource.from_pattern,
     "csv": CaptionsTableSource,
     "synthetic": synthetic_source,
+    "imagefolder": ImageFolderSource,
+    "karpathy": KarpathySource,
 }
 
 
@@ -102,5 +108,5 @@ def _defaults_for(kind: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["SOURCES", "ArrayRecordSource", "CaptionsTableSource", "Source", "TfdsSource", "WebDatasetSource",
-           "expand_braces", "make_source", "resolve_files", "synthetic_source"]
+__all__ = ["SOURCES", "ArrayRecordSource", "CaptionsTableSource", "ImageFolderSource", "KarpathySource", "Source",
+           "TfdsSource", "WebDatasetSource", "expand_braces", "make_source", "resolve_files", "synthetic_source"]

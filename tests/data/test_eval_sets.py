@@ -1,0 +1,144 @@
+"""The field's eval sets from small files in each form people have them: an ImageNet-style image folder for
+zero-shot (OpenAI's class names and 80 templates), and Karpathy-split COCO / Flickr30k annotations for retrieval,
+with every caption of an image kept in one record."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from clipup_jax.config import preset
+from clipup_jax.data.bpe_trainer import train_bpe, write_hf_tokenizer
+from clipup_jax.data.sources import make_source
+from clipup_jax.data.tokenizer import Tokenizer
+from clipup_jax.evaluate import templates
+from clipup_jax.evaluate.run import EvalData, evaluate
+from clipup_jax.models import CLIP
+from clipup_jax.train.recipes import base_config
+from clipup_jax.train.run import zero_shot_classes
+
+CAPTIONS = {"a.jpg": ["a red circle", "a circle, red and round"], "b.jpg": ["two blue squares"],
+            "c.jpg": ["a green triangle", "one triangle", "green, pointed"]}
+
+
+def _image(path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.RandomState(seed).randint(0, 256, (20, 28, 3), dtype=np.uint8)).save(path, "JPEG")
+
+
+@pytest.fixture(scope="module")
+def karpathy(tmp_path_factory):
+    """The same test split in Karpathy's JSON, CLIP_benchmark's COCO JSON and its Flickr text file."""
+    root = tmp_path_factory.mktemp("karpathy")
+    for i, name in enumerate([*CAPTIONS, "train_only.jpg"]):
+        _image(root / "val2014" / name, i)
+        _image(root / "flat" / name, i)
+    images = [{"filepath": "val2014", "filename": name, "split": "test",
+               "sentences": [{"raw": c} for c in caps]} for name, caps in CAPTIONS.items()]
+    images.insert(1, {"filepath": "val2014", "filename": "train_only.jpg", "split": "train",
+                      "sentences": [{"raw": "not in the test split"}]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    coco = {"images": [{"id": 10 + i, "file_name": f"val2014/{name}"} for i, name in enumerate(CAPTIONS)],
+            "annotations": [{"image_id": 10 + i, "id": 100 * i + j, "caption": c}
+                            for i, caps in enumerate(CAPTIONS.values()) for j, c in enumerate(caps)]}
+    coco["annotations"].sort(key=lambda a: a["id"] % 100)  # interleaved across images, in order within each
+    (root / "coco_test_karpathy.json").write_text(json.dumps(coco))
+    lines = ["image,caption"] + [f"{name},{c}" for name, caps in CAPTIONS.items() for c in caps]
+    (root / "flat" / "flickr30k_test_karpathy.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _records(source):
+    return [(r["key"].split("/")[-1], list(r["captions"]), len(r["image_bytes"]) > 0) for r in source]
+
+
+def test_every_karpathy_form_gives_the_same_grouped_records(karpathy):
+    want = [(name, caps, True) for name, caps in CAPTIONS.items()]
+    forms = [make_source(f"karpathy:{karpathy / 'dataset_coco.json'}"),
+             make_source({"kind": "karpathy", "path": str(karpathy / "coco_test_karpathy.json")}),
+             make_source(f"karpathy:{karpathy / 'flat' / 'flickr30k_test_karpathy.txt'}")]
+    for source in forms:
+        assert _records(source) == want and source.max_captions == 3
+    train = make_source({"kind": "karpathy", "path": str(karpathy / "dataset_coco.json"), "split": "train"})
+    assert _records(train) == [("train_only.jpg", ["not in the test split"], True)]
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("karpathy:{root}/gone.json", "no such annotation file"),
+    ({"kind": "karpathy", "path": "{root}/dataset_coco.json", "split": "restval"}, "no images in split 'restval'"),
+    ({"kind": "karpathy", "path": "{root}/dataset_coco.json", "images": "{root}/nowhere"}, "not a directory"),
+    ("karpathy:{root}/bad.json", "not a Karpathy-split annotation file"),
+    ("imagefolder:{root}/val2014/a.jpg", "not a directory"),
+    ("imagefolder:{root}/val2014", "no class sub-directories"),
+])
+def test_bad_eval_sets_are_one_line_errors(karpathy, spec, match):
+    (karpathy / "bad.json").write_text(json.dumps({"images": [{"file": "x"}]}))
+    spec = spec.format(root=karpathy) if isinstance(spec, str) else {k: v.format(root=karpathy) for k, v in spec.items()}
+    with pytest.raises(ValueError, match=match):
+        make_source(spec)
+
+
+def _tokenizer(tmp_path) -> Tokenizer:
+    corpus = [*(c for caps in CAPTIONS.values() for c in caps), *templates.imagenet1k()[0][:50]]
+    return Tokenizer.from_path(write_hf_tokenizer(train_bpe(corpus, 30), tmp_path / "tok"))
+
+
+def _model(tokenizer: Tokenizer) -> CLIP:
+    cfg = preset("tiny")
+    return CLIP(cfg.replace(text=dataclasses.replace(cfg.text, vocab_size=tokenizer.vocab_size)), nnx.Rngs(0))
+
+
+def test_retrieval_on_a_karpathy_split(karpathy, tmp_path):
+    tokenizer = _tokenizer(tmp_path)
+    data = EvalData(make_source(f"karpathy:{karpathy / 'dataset_coco.json'}"), tokenizer)
+    metrics = evaluate(_model(tokenizer), data, batch_size=2)
+    assert metrics["eval_images"] == 3 and metrics["eval_captions"] == 6  # every caption of every image
+    assert metrics["image_to_text_R@10"] == metrics["text_to_image_R@10"] == 1.0  # 3 images, 6 captions
+    assert "zero_shot_top1" not in metrics
+
+
+def test_imagenet_folder_zero_shot_with_openai_names_and_templates(tmp_path):
+    """1000 synset folders in the standard (sorted) order, a few holding images; OpenAI's class names follow it."""
+    names, prompts = templates.imagenet1k()
+    assert len(names) == 1000 and len(prompts) == 80 and names[:2] == ("tench", "goldfish")
+    assert all("{}" in p for p in prompts) and len(set(prompts)) == 80
+    root = tmp_path / "val"
+    wnids = [f"n{7 * i + 1000:08d}" for i in range(1000)]
+    for wnid in wnids:
+        (root / wnid).mkdir(parents=True)
+    for i, label in enumerate((0, 1, 1, 999)):
+        _image(root / wnids[label] / f"ILSVRC2012_val_{i:08d}.JPEG", i)
+    (root / wnids[0] / "notes.txt").write_text("not an image")
+    source = make_source(f"imagefolder:{root}")
+    assert [r["label"] for r in source] == [0, 1, 1, 999] and all(r["captions"] == () for r in source)
+
+    config = base_config("tiny")
+    config.data.zero_shot = "imagenet1k"
+    class_names, class_prompts = zero_shot_classes(config)
+    assert (class_names, class_prompts) == (names, prompts)
+    tokenizer = _tokenizer(tmp_path)
+    metrics = evaluate(_model(tokenizer), EvalData(source, tokenizer, None, class_names[:1000], class_prompts[:2]),
+                       batch_size=4)
+    assert metrics["eval_images"] == 4 and metrics["eval_captions"] == 0
+    assert {"zero_shot_top1", "zero_shot_top5", "zero_shot_mean_per_class_recall"} <= set(metrics)
+    assert not any(k.startswith(("image_to_text", "text_to_image")) for k in metrics)  # no captions: no retrieval
+
+
+def test_clip_benchmark_class_name_and_template_files(tmp_path):
+    (tmp_path / "en_classnames.json").write_text(json.dumps({"cars": ["audi", "bmw"], "pets": ["cat"]}))
+    (tmp_path / "en_zeroshot_classification_templates.json").write_text(
+        json.dumps({"cars": ["a photo of a {c}.", "a {c}, a car."]}))
+    config = ml_collections.ConfigDict({"data": {"zero_shot": f"clip_benchmark:cars@{tmp_path}"}})
+    assert zero_shot_classes(config) == (("audi", "bmw"), ("a photo of a {}.", "a {}, a car."))
+    config.data.zero_shot = f"clip_benchmark:pets@{tmp_path}"
+    with pytest.raises(ValueError, match="no templates for 'pets'"):
+        zero_shot_classes(config)
+    config.data.zero_shot = "imagenet21k"
+    with pytest.raises(ValueError, match="config.data.zero_shot='imagenet21k'"):
+        zero_shot_classes(config)
