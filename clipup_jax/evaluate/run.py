@@ -9,18 +9,41 @@ multi-host evaluation counts every example exactly once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import pathlib
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from clipup_jax.data.pipeline import eval_pipeline
+from clipup_jax.data.pipeline import eval_num_batches, eval_pipeline
 from clipup_jax.data.tokenizer import Tokenizer
+from clipup_jax.evaluate import templates
 from clipup_jax.evaluate.embedding import Embedder, chunks
 from clipup_jax.evaluate.retrieval import retrieval_metrics
 from clipup_jax.evaluate.zero_shot import class_embeddings, zero_shot_metrics
 from clipup_jax.models import CLIP
+
+
+def zero_shot_classes(name: str, synthetic_species: int = 0) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(class names, templates) a `config.data.zero_shot` value names: "" (none), "synthetic", "imagenet1k"
+    (OpenAI's names and 80 templates), or "clip_benchmark:DATASET@DIR" (DIR holding CLIP_benchmark's
+    en_classnames.json and en_zeroshot_classification_templates.json)."""
+    if not name:
+        return (), ()
+    if name == "synthetic":
+        from clipup_jax.data import synthetic  # the embedded data set's generator; only this case needs it
+
+        return tuple(synthetic.class_names(synthetic_species)), tuple(synthetic.CLASS_PROMPT_TEMPLATES)
+    if name == "imagenet1k":
+        return templates.imagenet1k()
+    dataset, sep, directory = name.removeprefix("clip_benchmark:").partition("@")
+    if name.startswith("clip_benchmark:") and sep:
+        root = pathlib.Path(directory)
+        return templates.clip_benchmark(dataset, root / "en_classnames.json",
+                                        root / "en_zeroshot_classification_templates.json")
+    raise ValueError(f"config.data.zero_shot={name!r}: expected '', 'synthetic', 'imagenet1k' or "
+                     "'clip_benchmark:DATASET@DIR'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +56,14 @@ class EvalData:
     class_names: Sequence[str] = ()
     templates: Sequence[str] = ()
     max_captions: int = 5
+
+
+def eval_data(source: Any, tokenizer: Tokenizer, size: int | None = None, zero_shot: str = "",
+              synthetic_species: int = 0) -> EvalData:
+    """`EvalData` for `source` with the classes `zero_shot` names (`zero_shot_classes`), and as many caption slots
+    per image as the source's most-captioned image where it says (Karpathy splits), so no caption is cut."""
+    return EvalData(source, tokenizer, size, *zero_shot_classes(zero_shot, synthetic_species),
+                    max(EvalData.max_captions, getattr(source, "max_captions", 0)))
 
 
 class _Prefix:
@@ -57,7 +88,9 @@ def _gather(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def evaluate(model: CLIP, data: EvalData, batch_size: int = 256) -> dict[str, float]:
+def evaluate(model: CLIP, data: EvalData, batch_size: int = 256,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Metrics of `model` on `data`; `progress(batches_done, batches)` is called after each batch."""
     cfg = model.cfg
     source = data.source if data.size is None else _Prefix(data.source, data.size)
     pipeline = eval_pipeline(source, tokenizer=data.tokenizer, image_size=cfg.vision.image_size,
@@ -66,7 +99,8 @@ def evaluate(model: CLIP, data: EvalData, batch_size: int = 256) -> dict[str, fl
                              process_count=jax.process_count())
     embedder = Embedder(model, batch_size)
     images, texts, image_mask, caption_mask, labels = [], [], [], [], []
-    for batch in pipeline:
+    batches = eval_num_batches(len(source), batch_size, jax.process_count())
+    for done, batch in enumerate(pipeline, 1):
         b, c, length = batch["tokens"].shape
         images.append(embedder.images([batch["pixels"]]))
         if batch["caption_mask"].any():
@@ -76,6 +110,8 @@ def evaluate(model: CLIP, data: EvalData, batch_size: int = 256) -> dict[str, fl
         image_mask.append(batch["mask"])
         caption_mask.append(batch["caption_mask"] & batch["mask"][:, None])
         labels.append(batch["label"])
+        if progress is not None:
+            progress(done, batches)
     images, texts = _gather(np.concatenate(images)), _gather(np.concatenate(texts))
     image_mask, caption_mask = _gather(np.concatenate(image_mask)), _gather(np.concatenate(caption_mask))
     labels = _gather(np.concatenate(labels))

@@ -19,8 +19,7 @@ from clipup_jax.data import synthetic
 from clipup_jax.data.pipeline import calibration_batch, train_pipeline
 from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
-from clipup_jax.evaluate import templates
-from clipup_jax.evaluate.run import EvalData, evaluate
+from clipup_jax.evaluate.run import EvalData, eval_data, evaluate
 from clipup_jax.train.trainer import train
 
 SYNTHETIC_IMAGE_SIZE = 64  # generated resolution; the pipeline resizes to the model's
@@ -46,33 +45,10 @@ def _source(spec: str, config: ml_collections.ConfigDict, size: int):
                        synthetic_seed=config.data.synthetic_seed, synthetic_species=config.data.synthetic_species)
 
 
-def zero_shot_classes(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(class names, templates) `config.data.zero_shot` names: "" (none), "synthetic", "imagenet1k" (OpenAI's
-    names and 80 templates), or "clip_benchmark:DATASET@DIR" (DIR holding CLIP_benchmark's en_classnames.json
-    and en_zeroshot_classification_templates.json)."""
-    name = config.data.zero_shot
-    if not name:
-        return (), ()
-    if name == "synthetic":
-        return tuple(synthetic.class_names(config.data.synthetic_species)), tuple(synthetic.CLASS_PROMPT_TEMPLATES)
-    if name == "imagenet1k":
-        return templates.imagenet1k()
-    dataset, sep, directory = name.removeprefix("clip_benchmark:").partition("@")
-    if name.startswith("clip_benchmark:") and sep:
-        root = pathlib.Path(directory)
-        return templates.clip_benchmark(dataset, root / "en_classnames.json",
-                                        root / "en_zeroshot_classification_templates.json")
-    raise ValueError(f"config.data.zero_shot={name!r}: expected '', 'synthetic', 'imagenet1k' or "
-                     "'clip_benchmark:DATASET@DIR'")
-
-
 def eval_data_for(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> EvalData:
     """The eval data a config names (the synthetic eval split is generated at `config.data.eval_size`)."""
-    class_names, prompts = zero_shot_classes(config)
-    source = _source(config.data.eval, config, config.data.eval_size)
-    # A source that knows its most captions per image (Karpathy splits) gets that many slots: none is cut.
-    return EvalData(source, tokenizer, config.data.eval_size, class_names, prompts,
-                    max(EvalData.max_captions, getattr(source, "max_captions", 0)))
+    return eval_data(_source(config.data.eval, config, config.data.eval_size), tokenizer, config.data.eval_size,
+                     config.data.zero_shot, config.data.synthetic_species)
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:

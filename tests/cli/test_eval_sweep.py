@@ -1,9 +1,13 @@
-"""clipup-eval on a training workdir, and clipup-sweep's validation and launch commands."""
+"""clipup-eval on a training workdir (its own config, another, or a CLIP_benchmark set by name), and
+clipup-sweep's validation and launch commands."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+
+import numpy as np
+from PIL import Image
 
 from clipup_jax.cli.eval import main as eval_main
 from clipup_jax.cli.sweep import main as sweep_main
@@ -35,6 +39,37 @@ def test_eval_a_training_workdir(tmp_path, capsys):
     assert code == 0, err
     assert f"evaluating on synthetic:eval (config {tmp_path / 'run' / 'config.json'})" in out
     assert json.loads((tmp_path / "new" / "dir" / "m.json").read_text()) == metrics
+
+    # A CLIP_benchmark set by name: COCO's Karpathy test split as CLIP_benchmark ships it, its result record out.
+    coco = tmp_path / "coco"
+    (coco / "val2014").mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for i in range(3):
+        Image.fromarray(rng.randint(0, 256, (40, 30, 3), dtype=np.uint8)).save(coco / "val2014" / f"{i}.jpg")
+    (coco / "coco_test_karpathy.json").write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"val2014/{i}.jpg"} for i in range(3)],
+        "annotations": [{"image_id": i, "id": 10 * i + j, "caption": f"a {c} shape"}
+                        for i, c in enumerate(("red", "blue", "green")) for j in range(5 + i)]}))
+    code, out, err = invoke(eval_main, ["--checkpoint", tmp_path / "run", "--task", "retrieval", "--dataset",
+                                        "mscoco_captions", "--data-root", coco, "--out", tmp_path / "cb.json"], capsys)
+    assert code == 0, err
+    assert "3 images / 18 captions" in out and "[eval] 1/1 batches" in out  # 7 captions of the last image kept
+    result = json.loads((tmp_path / "cb.json").read_text())
+    assert {k: v for k, v in result.items() if k != "metrics"} == {
+        "dataset": "mscoco_captions", "model": str(tmp_path / "run"), "pretrained": "step 2",
+        "task": "zeroshot_retrieval", "language": "en"}
+    assert sorted(result["metrics"]) == sorted(f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10))
+    assert result["metrics"]["image_retrieval_recall@5"] == 1.0  # 3 images: every caption's image is in the top 5
+    assert 0.0 <= result["metrics"]["text_retrieval_recall@1"] <= result["metrics"]["text_retrieval_recall@10"] <= 1.0
+    for argv, match in ((["--task", "zeroshot", "--dataset", "mscoco_captions", "--data-root", coco],
+                         "is a zeroshot_retrieval set"),
+                        (["--task", "retrieval", "--dataset", "flickr30k", "--data-root", coco],
+                         "flickr30k_test_karpathy.txt"),
+                        (["--dataset", "mscoco_captions", "--data-root", coco, "--config", EXPERIMENTS / "demo.py"],
+                         "drop --config"),
+                        (["--task", "retrieval"], "go with --dataset")):
+        code, _, err = invoke(eval_main, ["--checkpoint", tmp_path / "run", *argv], capsys)
+        assert code == 2 and match in err, err
 
 
 def test_sweep_dry_run_and_bad_override(tmp_path, capsys):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,10 +17,8 @@ from clipup_jax.data.bpe_trainer import train_bpe, write_hf_tokenizer
 from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
 from clipup_jax.evaluate import templates
-from clipup_jax.evaluate.run import EvalData, evaluate
+from clipup_jax.evaluate.run import EvalData, evaluate, zero_shot_classes
 from clipup_jax.models import CLIP
-from clipup_jax.train.recipes import base_config
-from clipup_jax.train.run import zero_shot_classes
 
 CAPTIONS = {"a.jpg": ["a red circle", "a circle, red and round"], "b.jpg": ["two blue squares"],
             "c.jpg": ["a green triangle", "one triangle", "green, pointed"]}
@@ -118,9 +115,7 @@ def test_imagenet_folder_zero_shot_with_openai_names_and_templates(tmp_path):
     source = make_source(f"imagefolder:{root}")
     assert [r["label"] for r in source] == [0, 1, 1, 999] and all(r["captions"] == () for r in source)
 
-    config = base_config("tiny")
-    config.data.zero_shot = "imagenet1k"
-    class_names, class_prompts = zero_shot_classes(config)
+    class_names, class_prompts = zero_shot_classes("imagenet1k")
     assert (class_names, class_prompts) == (names, prompts)
     tokenizer = _tokenizer(tmp_path)
     metrics = evaluate(_model(tokenizer), EvalData(source, tokenizer, None, class_names[:1000], class_prompts[:2]),
@@ -134,11 +129,8 @@ def test_clip_benchmark_class_name_and_template_files(tmp_path):
     (tmp_path / "en_classnames.json").write_text(json.dumps({"cars": ["audi", "bmw"], "pets": ["cat"]}))
     (tmp_path / "en_zeroshot_classification_templates.json").write_text(
         json.dumps({"cars": ["a photo of a {c}.", "a {c}, a car."]}))
-    config = ml_collections.ConfigDict({"data": {"zero_shot": f"clip_benchmark:cars@{tmp_path}"}})
-    assert zero_shot_classes(config) == (("audi", "bmw"), ("a photo of a {}.", "a {}, a car."))
-    config.data.zero_shot = f"clip_benchmark:pets@{tmp_path}"
+    assert zero_shot_classes(f"clip_benchmark:cars@{tmp_path}") == (("audi", "bmw"), ("a photo of a {}.", "a {}, a car."))
     with pytest.raises(ValueError, match="no templates for 'pets'"):
-        zero_shot_classes(config)
-    config.data.zero_shot = "imagenet21k"
+        zero_shot_classes(f"clip_benchmark:pets@{tmp_path}")
     with pytest.raises(ValueError, match="config.data.zero_shot='imagenet21k'"):
-        zero_shot_classes(config)
+        zero_shot_classes("imagenet21k")
