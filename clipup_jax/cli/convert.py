@@ -1,4 +1,5 @@
-"""clipup-convert: import dense CLIPs from other ecosystems, upcycle them to sparse MoE CLIPs, inspect checkpoints."""
+"""clipup-convert: import dense CLIPs from other ecosystems, upcycle them to sparse MoE CLIPs, inspect checkpoints,
+export dense ones back to Hugging Face."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from typing import Any, Mapping
 
 from clipup_jax.checkpoints import format as ckpt_format
+from clipup_jax.checkpoints.export import export_hf
 from clipup_jax.checkpoints.importing import SOURCES, ImportOptions, import_checkpoint
 from clipup_jax.models.param_tree import count_params
 from clipup_jax.checkpoints.summary import active_params, describe
@@ -42,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--activation", choices=ACTIVATIONS, help="MLP activation when the source cannot say")
     imp.add_argument("--ln-eps", type=float, help="LayerNorm epsilon when the source cannot say")
     imp.add_argument("--force", action="store_true", help="replace an existing --out")
+    exp = sub.add_parser("export", help="write a dense checkpoint as a Hugging Face CLIPModel directory")
+    exp.add_argument("checkpoint", type=pathlib.Path, help="a clipup checkpoint dir or training workdir")
+    exp.add_argument("--to", choices=["hf"], required=True, help="the format: hf (transformers CLIPModel)")
+    exp.add_argument("--out", type=pathlib.Path, required=True)
+    exp.add_argument("--force", action="store_true", help="replace an existing --out")
     ins = sub.add_parser("inspect", help="print a checkpoint's config, parameter counts and FLOPs")
     ins.add_argument("checkpoint", type=pathlib.Path)
     up = sub.add_parser("upcycle", help="turn a dense checkpoint into a sparse MoE one whose experts copy its MLPs")
@@ -92,6 +99,11 @@ def _import(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({count_params(imported.params) / 1e6:.2f}M params, "
           f"activation {imported.config.activation}, ln_eps {imported.config.ln_eps:g}, "
           f"tokenizer {'stored' if imported.tokenizer else 'none'})")
+
+
+def _export(args: argparse.Namespace) -> None:
+    files = export_hf(ckpt_format.load_checkpoint(args.checkpoint, opt_state=False), args.out, force=args.force)
+    print(f"wrote {args.out} ({', '.join(files)}): load it with transformers.CLIPModel.from_pretrained")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -201,7 +213,7 @@ def _load_config_file(path: pathlib.Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    commands = {"import": _import, "inspect": _inspect, "upcycle": _upcycle}
+    commands = {"import": _import, "inspect": _inspect, "upcycle": _upcycle, "export": _export}
     run_cli("clipup-convert", lambda: commands[args.command](args))
 
 

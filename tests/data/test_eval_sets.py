@@ -17,7 +17,7 @@ from clipup_jax.data.bpe_trainer import train_bpe, write_hf_tokenizer
 from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
 from clipup_jax.evaluate import templates
-from clipup_jax.evaluate.run import EvalData, evaluate, zero_shot_classes
+from clipup_jax.evaluate.run import EvalData, eval_data, evaluate, zero_shot_classes
 from clipup_jax.models import CLIP
 
 CAPTIONS = {"a.jpg": ["a red circle", "a circle, red and round"], "b.jpg": ["two blue squares"],
@@ -71,6 +71,8 @@ def test_every_karpathy_form_gives_the_same_grouped_records(karpathy):
     ({"kind": "karpathy", "path": "{root}/dataset_coco.json", "split": "restval"}, "no images in split 'restval'"),
     ({"kind": "karpathy", "path": "{root}/dataset_coco.json", "images": "{root}/nowhere"}, "not a directory"),
     ("karpathy:{root}/bad.json", "not a Karpathy-split annotation file"),
+    ({"kind": "karpathy", "path": "{root}/dataset_coco.json", "images": "{root}/flat"},
+     "3 of its 3 test images are not under .*flat \\(first: val2014/a.jpg\\)"),
     ("imagefolder:{root}/val2014/a.jpg", "not a directory"),
     ("imagefolder:{root}/val2014", "no class sub-directories"),
 ])
@@ -116,6 +118,11 @@ def test_imagenet_folder_zero_shot_with_openai_names_and_templates(tmp_path):
     assert [r["label"] for r in source] == [0, 1, 1, 999] and all(r["captions"] == () for r in source)
 
     class_names, class_prompts = zero_shot_classes("imagenet1k")
+    three = tmp_path / "three"
+    for i, wnid in enumerate(wnids[:3]):
+        _image(three / wnid / "x.JPEG", i)
+    with pytest.raises(ValueError, match="1000 class names for the 3 class folders"):
+        eval_data(make_source(f"imagefolder:{three}"), _tokenizer(tmp_path), zero_shot="imagenet1k")
     assert (class_names, class_prompts) == (names, prompts)
     tokenizer = _tokenizer(tmp_path)
     metrics = evaluate(_model(tokenizer), EvalData(source, tokenizer, None, class_names[:1000], class_prompts[:2]),

@@ -11,8 +11,9 @@ synset layout) for zero-shot classification, and Karpathy-split COCO / Flickr30k
   ``flickr30k_{split}_karpathy.txt`` (a header line, then ``name.jpg,caption``). Image paths are relative to
   ``images`` (default: the annotation file's directory).
 
-Images are read when a record is asked for; a missing or unreadable file gives ``b""``, which the pipeline
-skips and counts like any corrupt image.
+Every image an annotation file names must exist (checked when the source is made, one error naming the first
+missing file); images are read when a record is asked for, and one that cannot be read then gives ``b""``, which
+the pipeline skips and counts like any corrupt image.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class KarpathySource:
                              f"{e})") from None
         if not self.items:
             raise ValueError(f"karpathy:{annotation}: no images in split {split!r}")
+        missing = [name for name, _ in self.items if not (self.images / name).is_file()]
+        if missing:
+            raise ValueError(f"karpathy:{annotation}: {len(missing)} of its {len(self.items)} {split} images are not "
+                             f"under {self.images} (first: {missing[0]}); pass images=DIR")
         # Evaluation keeps this many caption slots per image, so no caption is cut (COCO has images with 6 or 7).
         self.max_captions = max(len(captions) for _, captions in self.items)
 
