@@ -135,6 +135,12 @@ def usable_captions(record: dict) -> list[str]:
     return out
 
 
+def _has_captions(record: dict) -> bool:
+    """Whether the record carries caption entries at all, usable or not."""
+    raw = record.get(CAPTIONS)
+    return len(raw) > 0 if raw is not None else record.get(CAPTION) not in (None, "")
+
+
 def normalise(image: Image.Image) -> np.ndarray:
     """float32 (H, W, 3): ``(x / 255 - mean) / std`` in one fused multiply-add."""
     return np.asarray(image, np.float32) * _SCALE - _OFFSET
@@ -216,8 +222,10 @@ class EvalExample:
     def __call__(self, local_index: int, record: dict) -> dict:
         index = self.process_index + local_index * self.process_count
         captions = usable_captions(record)[: self.max_captions]
-        # A labelled image without captions is a zero-shot example; otherwise an image needs a caption.
-        image = decode_image(record) if captions or LABEL in record else "no usable caption"
+        # A labelled image that carries no captions at all (an image folder) is a zero-shot example; one whose
+        # captions are all unusable is broken data, skipped like a training example.
+        image = decode_image(record) if captions or (LABEL in record and not _has_captions(record)) \
+            else "no usable caption"
         if isinstance(image, str):
             _note_skip(record.get(KEY), image)
             return self.empty(index, 1)
@@ -399,7 +407,7 @@ def calibration_batch(source: Any, *, tokenizer: Tokenizer, image_size: int, con
     pixels, tokens = [], []
     for index in range(len(source)):
         example = transform(index, source[index])
-        if example["mask"]:
+        if example["mask"] and example["caption_mask"][0]:
             pixels.append(example["pixels"])
             tokens.append(example["tokens"][0])
             if len(pixels) == size:
