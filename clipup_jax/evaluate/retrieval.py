@@ -93,12 +93,22 @@ def _image_to_text_ranks(images: np.ndarray, texts: np.ndarray, owner: np.ndarra
     """Rank of each image's best-placed caption; ``_NEVER`` (a miss for any k) for an image without captions.
 
     Under a total order the best-placed positive is the one with the highest score, the lowest index among
-    equals -- which is what ``argmax`` over the positives' scores returns -- so its rank is the minimum.
+    equals -- which is what ``argmax`` over the positives' scores returns -- so its rank is the minimum. The
+    positives' scores are gathered from each score block through a padded table of every image's captions (in
+    index order), so no block-sized mask is built.
     """
-    ranks = np.empty(len(images), np.int64)
+    by_image = np.argsort(owner, kind="stable")  # captions grouped by image, ascending index within each
+    counts = np.bincount(owner, minlength=len(images))
+    slots = np.arange(counts.max(initial=0))
+    starts = np.cumsum(counts) - counts
+    captions = by_image[np.minimum(starts[:, None] + slots[None, :], max(len(owner) - 1, 0))]
+    has = slots[None, :] < counts[:, None]  # (images, max captions): which slots hold a caption
+    ranks = np.full(len(images), _NEVER, np.int64)
     for lo, hi in row_chunks(len(images), len(texts), chunk_size):
         scores = images[lo:hi] @ texts.T
-        positive = owner[None, :] == np.arange(lo, hi)[:, None]
-        best = np.where(positive, scores, -np.inf).argmax(axis=1)
-        ranks[lo:hi] = np.where(positive.any(axis=1), target_ranks(scores, best), _NEVER)
+        rows = np.arange(hi - lo)[:, None]
+        candidates = np.where(has[lo:hi], scores[rows, captions[lo:hi]], -np.inf)
+        best = captions[lo:hi][rows[:, 0], candidates.argmax(axis=1)]
+        found = counts[lo:hi] > 0
+        ranks[lo:hi][found] = target_ranks(scores[found], best[found])
     return ranks

@@ -206,8 +206,9 @@ def test_coco_sized_problem_is_fast():
     owner = np.repeat(np.arange(2000), 5)
     texts = (images[owner] + 2 * rng.normal(size=(10000, 64))).astype(np.float32)
     m = retrieval_metrics(images, texts, owner)
-    ours = min(_seconds(lambda: retrieval_metrics(images, texts, owner)) for _ in range(2))
-    sort = min(_seconds(lambda: np.argsort(-(texts @ images.T), axis=1)) for _ in range(2))
+    rounds = [(_seconds(lambda: retrieval_metrics(images, texts, owner)),
+               _seconds(lambda: np.argsort(-(texts @ images.T), axis=1))) for _ in range(3)]  # interleaved
+    ours, sort = (min(times) for times in zip(*rounds))
     assert ours < sort, f"retrieval_metrics {ours:.2f} s vs one argsort {sort:.2f} s"
     assert m["image_to_text_R@1"] <= m["image_to_text_R@5"] <= m["image_to_text_R@10"]
     assert m["text_to_image_R@1"] <= m["text_to_image_R@5"] <= m["text_to_image_R@10"]
