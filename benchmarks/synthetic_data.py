@@ -12,7 +12,9 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from clipup_jax.data.synthetic import NUM_CAPTIONS, SyntheticCaptions, build_tokenizer
+from clipup_jax.data.bpe_trainer import build_tokenizer
+from clipup_jax.data.pipeline import caption_corpus
+from clipup_jax.data.synthetic import NUM_CAPTIONS, SyntheticCaptions
 from clipup_jax.data.tokenizer import Tokenizer
 
 N = 4000
@@ -37,7 +39,7 @@ def measure(n: int = N) -> tuple[list[tuple[str, float]], dict]:
     train64[0], train224[0]  # build the noise-texture banks outside the timing
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        tok = Tokenizer.from_path(build_tokenizer(tmp, train64, num_texts=n))
+        tok = Tokenizer.from_path(build_tokenizer(tmp, caption_corpus(train64, n), num_merges=1000))
         build_s = time.perf_counter() - start
     tok(list(train64.captions(0)), CONTEXT_LENGTH)
 

@@ -5,7 +5,7 @@
 2. from the parent's checkpoint, continue three arms, each once per seed (`--seeds`): dense for the same steps,
    dense for the same training FLOPs, and CLIP-UP (every other block upcycled into a Mixture-of-Experts:
    experts = copies of the MLP); a seed sets data order, router init and noise, never the data set;
-3. evaluate the parent and every run on the same held-out scenes (retrieval R@1/5/10 both ways, zero-shot);
+3. evaluate the parent and every run on the same held-out pictures (retrieval R@1/5/10 both ways, zero-shot);
 4. print each arm's mean +- std over seeds and the paired difference CLIP-UP - dense with its 95 % t interval,
    write `results.json` (with one record per run) and `results.png`.
 Whichever arm wins is reported as measured.
@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from clipup_jax.cli.errors import Parser, run_cli
+from clipup_jax.data.synthetic import MAX_CATALOGUE_SPECIES, WORLDS
 
 # Continued from the one parent, each once per seed; paired by seed in the comparisons.
 ARMS = ("dense", "dense-equal-flops", "clip-up")
@@ -35,8 +36,7 @@ def _arm_config(model, parent: pathlib.Path, tokenizer: pathlib.Path, steps: int
     from clipup_jax.train.recipes import demo_config
 
     config = demo_config(model)
-    config.data.eval_size = args.eval_size
-    config.data.synthetic_species = args.species
+    _set_world(config, args)
     config.seed = seed  # data order, router init and noise; the data set itself is config.data.synthetic_seed
     config.init.checkpoint = str(parent)
     config.data.tokenizer = str(tokenizer)
@@ -47,6 +47,13 @@ def _arm_config(model, parent: pathlib.Path, tokenizer: pathlib.Path, steps: int
     config.checkpoint_every = steps
     config.log_every = 25
     return config
+
+
+def _set_world(config, args: argparse.Namespace) -> None:
+    """The one data set every run trains and is evaluated on."""
+    config.data.synthetic_world = args.world
+    config.data.synthetic_species = args.species
+    config.data.eval_size = args.eval_size
 
 
 def _model_summary(config) -> dict[str, Any]:
@@ -181,7 +188,12 @@ def _demo(args: argparse.Namespace) -> None:
     if args.species < 0:
         raise ValueError(f"--species {args.species}: must be >= 0")
     if args.eval_size < 2:
-        raise ValueError(f"--eval-size {args.eval_size}: at least 2 held-out scenes")
+        raise ValueError(f"--eval-size {args.eval_size}: at least 2 held-out pictures")
+    if args.world == "catalogue" and not 2 <= args.species <= MAX_CATALOGUE_SPECIES:
+        raise ValueError(f"--species {args.species}: the catalogue world needs 2 to {MAX_CATALOGUE_SPECIES} species")
+    if args.world == "catalogue" and args.eval_size > args.species:
+        raise ValueError(f"--eval-size {args.eval_size} > --species {args.species}: in the catalogue world each "
+                         "held-out picture shows another species, so at most one per species")
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir {workdir}: exists and is not a directory")
     if workdir.exists():
@@ -197,8 +209,7 @@ def _demo(args: argparse.Namespace) -> None:
     _step(f"1/3 pre-train the dense parent for {pretrain_steps} steps on generated image-caption pairs (seed {seed})")
     parent_config = demo_config()
     parent_config.seed = seed
-    parent_config.data.eval_size = args.eval_size
-    parent_config.data.synthetic_species = args.species
+    _set_world(parent_config, args)
     parent_config.total_steps = pretrain_steps
     parent_config.eval_every = pretrain_steps
     parent_config.checkpoint_every = pretrain_steps
@@ -225,7 +236,7 @@ def _demo(args: argparse.Namespace) -> None:
     report = build_report(runs, COMPARISONS)
     for arm, config in configs.items():
         report["arms"][arm].update(_model_summary(config))
-    _step(f"3/3 results over {seeds} seed{'s' if seeds > 1 else ''} (held-out generated scenes, in %)")
+    _step(f"3/3 results over {seeds} seed{'s' if seeds > 1 else ''} (held-out generated pictures, in %)")
     print(_table(report))
     results = {"seed": seed, "seeds": seeds, "pretrain_steps": pretrain_steps, "arm_steps": arm_steps,
                "eval_size": args.eval_size, "species": args.species, **report}
@@ -246,9 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="runs of each arm from the one parent (paired by seed)")
     parser.add_argument("--seed", type=int, default=0, help="shifts every seed: the parent's and the arms'")
     parser.add_argument("--eval-size", type=int, default=demo_config().data.eval_size,
-                        help="held-out scenes every run is evaluated on")
+                        help="held-out pictures every run is evaluated on (catalogue: at most --species)")
+    parser.add_argument("--world", choices=WORLDS, default=demo_config().data.synthetic_world,
+                        help="the generated data set: compositional scenes, or a catalogue of named species")
     parser.add_argument("--species", type=int, default=demo_config().data.synthetic_species,
-                        help="made-up glyph species in the generated scenes: a long tail to memorise")
+                        help="made-up species: a long tail in the scenes, the whole catalogue in the catalogue world")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     run_cli("clipup-demo", lambda: _demo(args))
 

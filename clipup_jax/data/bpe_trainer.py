@@ -134,3 +134,8 @@ def write_hf_tokenizer(merges: Sequence[tuple[str, str]], directory: PathLike) -
     (directory / HF_VOCAB_FILE).write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (directory / HF_MERGES_FILE).write_text(text, encoding="utf-8")
     return directory
+
+
+def build_tokenizer(directory: PathLike, texts: Iterable[str], num_merges: int) -> pathlib.Path:
+    """Train BPE on `texts` and write it as a HF-format tokenizer directory (returned)."""
+    return write_hf_tokenizer(train_bpe(texts, num_merges), directory)

@@ -135,6 +135,14 @@ def usable_captions(record: dict) -> list[str]:
     return out
 
 
+def caption_corpus(source: Any, n: int) -> list[str]:
+    """Every usable caption of the first `n` records (a tokenizer's training texts). A source that gives captions
+    without its image (`captions(i)`: the embedded data set, which would otherwise draw every picture) is asked
+    for them alone."""
+    captions = getattr(source, "captions", None) or (lambda i: usable_captions(source[i]))
+    return [c for i in range(min(n, len(source))) for c in captions(i)]
+
+
 def _has_captions(record: dict) -> bool:
     """Whether the record carries caption entries at all, usable or not."""
     raw = record.get(CAPTIONS)

@@ -1,4 +1,5 @@
-"""The embedded data set: procedurally drawn scenes of coloured shapes with compositional captions.
+"""The embedded data set, in two worlds: procedurally drawn scenes of coloured shapes with compositional captions
+(``SyntheticCaptions``, the default), and a catalogue of named species to memorise (``SyntheticCatalogue``).
 
 The demo must run on a fresh machine with no download, so images and captions are generated here, each example a
 pure function of ``(seed, split, index)``: any grain worker can make any example, and nothing is stored.
@@ -16,6 +17,11 @@ benchmarks/RESULTS.md).
 Train/eval separation is structural: every scene has a canonical caption; a hash of it puts 1 in ``EVAL_BUCKETS``
 captions in the eval reserve. Train redraws a scene whose canonical caption is reserved, eval redraws until it is,
 so no eval scene's description ever occurs in train (different seeds per split keep the draws independent too).
+
+The catalogue world asks the opposite of the scenes: no composition, only recall. Its eval captions all occur in
+training; its eval pictures are new views. It was built to make the demo's tiny models capacity-bound; measured
+(benchmarks/RESULTS.md), at the budget of minutes a 2-core CPU gives, they are still bound by optimisation steps
+in this world too.
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import itertools
 import math
 import operator
-import pathlib
 import random
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -34,8 +40,6 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clipup_jax.data.bpe_trainer import train_bpe, write_hf_tokenizer
-from clipup_jax.data.tokenizer import PathLike
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 CLASS_NAMES = SHAPES  # zero-shot label: shape of the dominant group (see `labels`); `class_names(K)` with species
@@ -424,14 +428,114 @@ class SyntheticCaptions:
         return {"image": render(scene, self.image_size), "captions": captions, "caption": captions[0],
                 "label": label, "colour_label": colour_label, "index": i}
 
+    def zero_shot_classes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(class names, prompt templates) of `label`: the dominant group's shape."""
+        return class_names(self.species), CLASS_PROMPT_TEMPLATES
 
-def train_tokenizer_corpus(source: SyntheticCaptions, n: int) -> list[str]:
-    """Every caption (all paraphrases) of the first ``n`` examples."""
-    return [c for i in range(min(n, len(source))) for c in source.captions(i)]
+
+# ----- the catalogue world --------------------------------------------------------------------------------------------
+WORLDS = ("scenes", "catalogue")
+CATALOGUE_GLYPHS = 16
+CATALOGUE_BACKGROUNDS = ((70, 78, 92), (150, 150, 150), (40, 40, 40), (112, 82, 60), (58, 100, 70), (135, 125, 70),
+                         (95, 70, 115), (196, 196, 184))
+CATALOGUE_TEMPLATES = ("a photo of a {}.", "a {}.", "this is a {}.")  # its captions, and its zero-shot prompts
+MAX_CATALOGUE_SPECIES = CATALOGUE_GLYPHS * len(COLOURS) * len(CATALOGUE_BACKGROUNDS)
 
 
-def build_tokenizer(directory: PathLike, source: SyntheticCaptions, num_merges: int = 1000,
-                    num_texts: int = 5000) -> pathlib.Path:
-    """Train BPE on the captions of the first ``num_texts`` examples; write a HF-format tokenizer dir and return it."""
-    merges = train_bpe(train_tokenizer_corpus(source, num_texts), num_merges)
-    return write_hf_tokenizer(merges, directory)
+class Look(NamedTuple):
+    """What a catalogue species looks like: one of the glyphs, in one colour, on one background."""
+
+    glyph: int
+    colour: str
+    background: int
+
+
+@functools.cache
+def catalogue_looks(species: int, seed: int = 0) -> tuple[Look, ...]:
+    """Species i's look: distinct looks drawn at random (from `seed`), so a name says nothing about its look."""
+    codes = np.random.default_rng([_GLYPH_SEED, seed, species]).permutation(MAX_CATALOGUE_SPECIES)[:species]
+    per_glyph = len(COLOURS) * len(CATALOGUE_BACKGROUNDS)
+    return tuple(Look(int(c) // per_glyph, COLOUR_NAMES[int(c) % per_glyph // len(CATALOGUE_BACKGROUNDS)],
+                      int(c) % len(CATALOGUE_BACKGROUNDS)) for c in codes)
+
+
+def render_specimen(look: Look, d: _Draws, image_size: int = 64) -> np.ndarray:
+    """uint8 (image_size, image_size, 3): the species' glyph at a random place, size, tilt and shade, on its
+    background with a random texture tile (a new view each draw)."""
+    side = image_size * _SUPERSAMPLE
+    background = tuple(int(c + d.uniform(-10.0, 10.0)) for c in CATALOGUE_BACKGROUNDS[look.background])
+    image = Image.new("RGB", (side, side), background)
+    r = d.uniform(0.24, 0.36) * side
+    cx, cy = d.uniform(r, side - r), d.uniform(r, side - r)
+    angle = math.radians(d.uniform(-25.0, 25.0))
+    c, s = math.cos(angle), math.sin(angle)
+    shade = int(d.uniform(-15.0, 16.0))
+    fill = tuple(min(255, max(0, v + shade)) for v in COLOURS[look.colour])
+    ImageDraw.Draw(image).polygon([(cx + r * (u * c - v * s), cy + r * (u * s + v * c))
+                                   for u, v in _glyph(f"catalogue glyph {look.glyph}")], fill=fill)
+    bank = _texture_bank(image_size)
+    tile = np.rot90(bank[int(d.uniform() * len(bank))], int(d.uniform() * 4))
+    return np.clip(np.asarray(image.reduce(_SUPERSAMPLE)) + tile, 0, 255).astype(np.uint8)
+
+
+class SyntheticCatalogue:
+    """The catalogue world: `species` made-up species, each a made-up name and a look, paired at random.
+
+    Captions name the species and nothing else ("a photo of a vokimu."), so matching a caption to a picture is
+    recall of memorised pairs, CLIP's long tail of named fine-grained concepts (bird species, products, places)
+    in miniature: the more species, the more a model must store, and storing is what parameters buy. Eval
+    pictures are new views (place, size, tilt, shade, texture) of species seen in training; eval example i shows
+    species i mod `species`, so an eval set of at most `species` examples holds each species once and no caption
+    matches two pictures. The pairing is fixed by `seed` (the data set); the split only changes the views.
+    """
+
+    def __init__(self, split: str, size: int, image_size: int = 64, seed: int = 0, species: int = 256) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+        if size < 0 or seed < 0 or image_size < 8 or not 2 <= species <= MAX_CATALOGUE_SPECIES:
+            raise ValueError(f"catalogue world: need size >= 0, seed >= 0, image_size >= 8, 2 <= species <= "
+                             f"{MAX_CATALOGUE_SPECIES}; got {size=}, {seed=}, {image_size=}, {species=}")
+        self.split, self.size, self.image_size, self.seed, self.species = split, size, image_size, seed, species
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return (f"SyntheticCatalogue(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
+                f"seed={self.seed}, species={self.species})")
+
+    def _view(self, index: int) -> tuple[int, int, _Draws]:
+        """(index, species, the draws that make its view) of example `index`."""
+        i = operator.index(index)
+        i = i + self.size if i < 0 else i
+        if not 0 <= i < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} examples")
+        d = _Draws(np.random.default_rng(np.random.SeedSequence([self.seed, SPLITS[self.split], i, self.species])))
+        species = i % self.species if self.split == "eval" else int(d.uniform() * self.species)
+        return i, species, d
+
+    def captions(self, index: int) -> tuple[str, ...]:
+        name = species_names(self.species)[self._view(index)[1]]
+        return tuple(t.format(name) for t in CATALOGUE_TEMPLATES)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i, species, d = self._view(index)
+        captions = self.captions(i)
+        image = render_specimen(catalogue_looks(self.species, self.seed)[species], d, self.image_size)
+        return {"image": image, "captions": captions, "caption": captions[0], "label": species, "index": i}
+
+    def zero_shot_classes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(class names, prompt templates) of `label`: the species' names."""
+        return species_names(self.species), CATALOGUE_TEMPLATES
+
+
+def make_source(split: str, world: str = "scenes", **options: Any) -> SyntheticCaptions | SyntheticCatalogue:
+    """The embedded data set's `world` ("scenes": compositional scenes, "catalogue": memorised named species)."""
+    if world not in WORLDS:
+        raise ValueError(f"synthetic world {world!r}: expected one of {', '.join(WORLDS)}")
+    cls = SyntheticCatalogue if world == "catalogue" else SyntheticCaptions
+    try:
+        inspect.signature(cls).bind(split, **options)
+    except TypeError as e:
+        raise ValueError(f"synthetic source ({world} world): {e}") from None
+    return cls(split, **options)

@@ -25,16 +25,18 @@ from clipup_jax.evaluate.zero_shot import class_embeddings, zero_shot_metrics
 from clipup_jax.models import CLIP
 
 
-def zero_shot_classes(name: str, synthetic_species: int = 0) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(class names, templates) a `config.data.zero_shot` value names: "" (none), "synthetic", "imagenet1k"
+def zero_shot_classes(name: str, source: Any = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(class names, templates) a `config.data.zero_shot` value names: "" (none), "synthetic" (the embedded eval
+    `source`'s own labels), "imagenet1k"
     (OpenAI's names and 80 templates), or "clip_benchmark:DATASET@DIR" (DIR holding CLIP_benchmark's
     en_classnames.json and en_zeroshot_classification_templates.json)."""
     if not name:
         return (), ()
     if name == "synthetic":
-        from clipup_jax.data import synthetic  # the embedded data set's generator; only this case needs it
-
-        return tuple(synthetic.class_names(synthetic_species)), tuple(synthetic.CLASS_PROMPT_TEMPLATES)
+        if not hasattr(source, "zero_shot_classes"):
+            raise ValueError(f"config.data.zero_shot='synthetic' names the labels of the embedded data set, but the "
+                             f"eval data is {source!r}")
+        return source.zero_shot_classes()
     if name == "imagenet1k":
         return templates.imagenet1k()
     dataset, sep, directory = name.removeprefix("clip_benchmark:").partition("@")
@@ -58,11 +60,10 @@ class EvalData:
     max_captions: int = 5
 
 
-def eval_data(source: Any, tokenizer: Tokenizer, size: int | None = None, zero_shot: str = "",
-              synthetic_species: int = 0) -> EvalData:
+def eval_data(source: Any, tokenizer: Tokenizer, size: int | None = None, zero_shot: str = "") -> EvalData:
     """`EvalData` for `source` with the classes `zero_shot` names (`zero_shot_classes`), and as many caption slots
     per image as the source's most-captioned image where it says (Karpathy splits), so no caption is cut."""
-    class_names, prompts = zero_shot_classes(zero_shot, synthetic_species)
+    class_names, prompts = zero_shot_classes(zero_shot, source)
     folders = getattr(source, "classes", None)  # a class-per-folder source knows its class count
     if class_names and folders is not None and len(folders) != len(class_names):
         raise ValueError(f"zero-shot classes {zero_shot!r}: {len(class_names)} class names for the {len(folders)} "

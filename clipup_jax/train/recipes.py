@@ -35,7 +35,10 @@ def base_config(model: ModelConfig | str) -> ml_collections.ConfigDict:
         # Which generated data set (train and eval splits): fixed across runs, so `seed` (data order, init, router
         # noise) varies a run without changing the data it trains and is evaluated on.
         "synthetic_seed": 0,
-        "synthetic_species": 0,  # the embedded set's long tail of made-up glyph species (data/synthetic.py)
+        # The embedded set's world (data/synthetic.py): "scenes" (compositional captions; `synthetic_species` adds
+        # a long tail of glyph species) or "catalogue" (`synthetic_species` named species to memorise).
+        "synthetic_world": "scenes",
+        "synthetic_species": 0,
     })
     config.batch_size = 256  # global
     config.total_steps = 1000

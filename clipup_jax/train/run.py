@@ -15,26 +15,26 @@ from clipup_jax.checkpoints.router_init import Calibration
 from clipup_jax.checkpoints.upcycle import UpcycleOptions, check_multiplet
 from clipup_jax.checkpoints.upcycle import upcycle as upcycle_params
 from clipup_jax.config import ModelConfig, model_config
-from clipup_jax.data import synthetic
-from clipup_jax.data.pipeline import calibration_batch, train_pipeline
+from clipup_jax.data.bpe_trainer import build_tokenizer
+from clipup_jax.data.pipeline import caption_corpus, calibration_batch, train_pipeline
 from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
 from clipup_jax.evaluate.run import EvalData, eval_data, evaluate
 from clipup_jax.train.trainer import train
 
 SYNTHETIC_IMAGE_SIZE = 64  # generated resolution; the pipeline resizes to the model's
+TOKENIZER_TEXTS = 5000  # records whose captions train the tokenizer when config.data.tokenizer is ""
 
 
-def tokenizer_for(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
-    """The configured tokenizer, or one trained on the synthetic captions (kept in the workdir, reused on resume)."""
+def tokenizer_for(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_source: Any) -> pathlib.Path:
+    """The configured tokenizer, or one trained on the captions of the run's own training data (kept in the
+    workdir, reused on resume)."""
     if config.data.tokenizer:
         return pathlib.Path(config.data.tokenizer)
     directory = workdir / "tokenizer_trained"
     if jax.process_index() == 0 and not (directory / "merges.txt").exists():
-        vocab = config.model.text.vocab_size
-        source = synthetic.SyntheticCaptions("train", config.data.synthetic_size, SYNTHETIC_IMAGE_SIZE,
-                                             config.data.synthetic_seed, species=config.data.synthetic_species)
-        synthetic.build_tokenizer(directory, source, num_merges=vocab - 514)  # 512 byte symbols + SOT/EOT
+        corpus = caption_corpus(train_source, TOKENIZER_TEXTS)
+        build_tokenizer(directory, corpus, num_merges=config.model.text.vocab_size - 514)  # 512 bytes + SOT/EOT
     if jax.process_count() > 1:  # the others read what process 0 wrote (a shared workdir)
         multihost_utils.sync_global_devices("clipup tokenizer trained")
     return directory
@@ -42,27 +42,33 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> p
 
 def _source(spec: str, config: ml_collections.ConfigDict, size: int):
     return make_source(spec, synthetic_size=size, synthetic_image_size=SYNTHETIC_IMAGE_SIZE,
-                       synthetic_seed=config.data.synthetic_seed, synthetic_species=config.data.synthetic_species)
+                       synthetic_seed=config.data.synthetic_seed, synthetic_species=config.data.synthetic_species,
+                       synthetic_world=config.data.synthetic_world)
+
+
+def train_source(config: ml_collections.ConfigDict) -> Any:
+    """The training data a config names (opened: a bad path fails here)."""
+    return _source(config.data.train, config, config.data.synthetic_size)
 
 
 def eval_data_for(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> EvalData:
     """The eval data a config names (the synthetic eval split is generated at `config.data.eval_size`)."""
     return eval_data(_source(config.data.eval, config, config.data.eval_size), tokenizer, config.data.eval_size,
-                     config.data.zero_shot, config.data.synthetic_species)
+                     config.data.zero_shot)
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     workdir = pathlib.Path(workdir)
     cfg = model_config(config)
-    train_source = _source(config.data.train, config, config.data.synthetic_size)  # a bad path fails here:
+    source = train_source(config)  # a bad path fails here:
     workdir.mkdir(parents=True, exist_ok=True)  # before anything is written
-    tokenizer_path = tokenizer_for(config, workdir)
+    tokenizer_path = tokenizer_for(config, workdir, source)
     tokenizer = Tokenizer.from_path(tokenizer_path)
     check_tokenizer_fits(tokenizer_path, tokenizer.vocab_size, cfg)
 
     def data(model_cfg: ModelConfig, process_index: int, process_count: int):
         pipeline = train_pipeline(
-            train_source, tokenizer=tokenizer, image_size=model_cfg.vision.image_size,
+            source, tokenizer=tokenizer, image_size=model_cfg.vision.image_size,
             context_length=model_cfg.text.context_length, batch_size=config.batch_size // process_count,
             seed=config.seed, process_index=process_index, process_count=process_count,
             num_workers=config.data.num_workers)
@@ -88,7 +94,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
         calibration = None
         if opts.router_init == "kmeans":
             calibration = Calibration(*calibration_batch(
-                train_source, tokenizer=tokenizer, image_size=dense.vision.image_size,
+                source, tokenizer=tokenizer, image_size=dense.vision.image_size,
                 context_length=dense.text.context_length, size=settings.calibration_size))
         multiplet = []
         for path in (p.strip() for p in settings.multiplet.split(",") if p.strip()):

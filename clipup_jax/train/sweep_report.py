@@ -44,7 +44,8 @@ def eval_set(config: ml_collections.ConfigDict) -> dict[str, Any]:
     spec = str(config.data.eval)
     return {"eval": spec, "eval_size": int(config.data.eval_size),
             **({"synthetic_seed": int(config.data.synthetic_seed),
-                "synthetic_species": int(config.data.get("synthetic_species", 0))} if spec.startswith("synthetic")
+                "synthetic_species": int(config.data.get("synthetic_species", 0)),
+                "synthetic_world": str(config.data.get("synthetic_world", "scenes"))} if spec.startswith("synthetic")
                else {})}
 
 

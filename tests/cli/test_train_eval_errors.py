@@ -116,6 +116,10 @@ CASES = [
     ("demo-zero-seeds", demo_main, ["--workdir", "{out}", "--seeds", "0"], "--seeds 0"),
     ("demo-negative-seed", demo_main, ["--workdir", "{out}", "--seed", "-1"], "--seed -1"),
     ("demo-tiny-eval", demo_main, ["--workdir", "{out}", "--eval-size", "1"], "--eval-size 1"),
+    ("demo-eval-beyond-catalogue", demo_main, ["--workdir", "{out}", "--world", "catalogue", "--species", "50",
+                                               "--eval-size", "60"], "--eval-size 60 > --species 50"),
+    ("demo-tiny-catalogue", demo_main, ["--workdir", "{out}", "--world", "catalogue", "--species", "1"],
+     "--species 1"),
 ]
 
 

@@ -44,3 +44,25 @@ def test_a_missing_training_table_fails_before_anything_is_written(tmp_path, cap
     code, out, err = invoke(train_main, argv, capsys)
     assert code == 2 and "gone.tsv does not exist" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()  # no workdir, no tokenizer_trained in it
+
+
+def test_the_trained_tokenizer_learns_the_configured_training_captions(tmp_path):
+    """With config.data.tokenizer="", BPE is trained on the run's own training data (a user's table here), not on
+    the embedded set's captions: the table's made-up word becomes one token; the embedded set's words do not."""
+    import numpy as np
+    from PIL import Image
+
+    from clipup_jax.data.tokenizer import Tokenizer
+    from clipup_jax.train.configs import load_config
+    from clipup_jax.train.run import tokenizer_for, train_source
+
+    rows = []
+    for i in range(12):
+        Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png\ta zorblax number {i} on a quuxfoo table")
+    (tmp_path / "captions.tsv").write_text("\n".join(rows) + "\n")
+    config = load_config(pathlib.Path(EXPERIMENT), [f"--config.data.train=csv:{tmp_path}/captions.tsv"])
+    tokenizer = Tokenizer.from_path(tokenizer_for(config, tmp_path / "run", train_source(config)))
+    context = config.model.text.context_length
+    assert int((tokenizer(["zorblax"], context)[0] > 0).sum()) == 3  # SOT, one word token, EOT
+    assert int((tokenizer(["triangle"], context)[0] > 0).sum()) > 3  # a word of the embedded set, never seen here

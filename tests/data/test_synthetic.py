@@ -8,6 +8,8 @@ import pytest
 
 from clipup_jax.data import synthetic as syn
 from clipup_jax.data.synthetic import Obj, Scene, SyntheticCaptions, describe, render
+from clipup_jax.data.bpe_trainer import build_tokenizer
+from clipup_jax.data.pipeline import caption_corpus
 from clipup_jax.data.tokenizer import Tokenizer
 
 _PREFIXES = ("a picture of ", "an image of ", "a scene with ", "there is ", "there are ")
@@ -155,8 +157,8 @@ def test_grain_source():
 
 def test_tokenizer_from_the_corpus_covers_every_caption(tmp_path):
     train = SyntheticCaptions("train", 2000)
-    assert len(syn.train_tokenizer_corpus(train, 10)) == 10 * syn.NUM_CAPTIONS
-    directory = syn.build_tokenizer(tmp_path / "tok", train, num_merges=1000, num_texts=2000)
+    assert len(caption_corpus(train, 10)) == 10 * syn.NUM_CAPTIONS
+    directory = build_tokenizer(tmp_path / "tok", caption_corpus(train, 2000), num_merges=1000)
     tok = Tokenizer.from_path(directory)
     evals = SyntheticCaptions("eval", 300)
     texts = [c for i in range(len(evals)) for c in evals.captions(i)]
@@ -196,3 +198,36 @@ def test_species_are_a_zipf_long_tail_of_named_glyphs():
     assert SyntheticCaptions("train", 5, 32)[3]["caption"] == SyntheticCaptions("train", 5, 32, species=0)[3]["caption"]
     with pytest.raises(ValueError, match="species >= 0"):
         SyntheticCaptions("train", 5, 32, species=-1)
+
+
+# ----- the catalogue world ------------------------------------------------------------------------------------------
+def test_catalogue_pairs_names_and_looks_at_random_and_eval_shows_each_species_once():
+    train, again = syn.SyntheticCatalogue("train", 40, species=12), syn.SyntheticCatalogue("train", 40, species=12)
+    names = syn.species_names(12)
+    for i in (0, 5, 39):
+        x = train[i]
+        assert x["image"].tobytes() == again[i]["image"].tobytes() and x["captions"] == train.captions(i)
+        assert x["captions"] == tuple(t.format(names[x["label"]]) for t in syn.CATALOGUE_TEMPLATES)
+    assert len({train[i]["label"] for i in range(40)}) > 6  # species drawn uniformly, not in turn
+    evals = syn.SyntheticCatalogue("eval", 30, species=12)
+    assert [evals[i]["label"] for i in range(30)] == [i % 12 for i in range(30)]
+    assert evals.zero_shot_classes() == (names, syn.CATALOGUE_TEMPLATES)
+    # Two views of one species differ; the look (glyph, colour, background) is one per species, all distinct.
+    same = [i for i in range(40) if train[i]["label"] == evals[0]["label"]]
+    assert same and train[same[0]]["image"].tobytes() != evals[0]["image"].tobytes()
+    looks = syn.catalogue_looks(12, 0)
+    assert len(set(looks)) == 12 and looks != syn.catalogue_looks(12, 1)  # the data set seed re-pairs them
+    background = np.array(syn.CATALOGUE_BACKGROUNDS[looks[evals[0]["label"]].background])
+    corner = evals[0]["image"][:3, :3].reshape(-1, 3).mean(axis=0)  # the glyph never reaches a corner pixel
+    assert np.abs(corner - background).max() < 25
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(world="catalogue", species=1), "2 <= species <= 1024"),
+    (dict(world="catalogue", species=1025), "2 <= species <= 1024"),
+    (dict(world="catalogue", species=8, max_objects=2), "catalogue world.*max_objects"),
+    (dict(world="cities"), "world 'cities': expected one of scenes, catalogue"),
+])
+def test_catalogue_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        syn.make_source("train", size=4, **kwargs)

@@ -89,9 +89,10 @@ def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path):
         import multiprocess_worker
     finally:
         sys.path.remove(str(WORKER.parent))
-    from clipup_jax.train.run import tokenizer_for
+    from clipup_jax.train.run import tokenizer_for, train_source
 
-    tokenizer = tokenizer_for(multiprocess_worker.get_config(), tmp_path)  # shared, built once
+    config = multiprocess_worker.get_config()
+    tokenizer = tokenizer_for(config, tmp_path, train_source(config))  # shared, built once
     multi, single = tmp_path / "multi", tmp_path / "single"
 
     first = _start(_multi(multi, 2, tokenizer, "first"))

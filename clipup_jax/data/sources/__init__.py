@@ -44,16 +44,13 @@ class Source(Protocol):
 
 
 def synthetic_source(split: str, **options: Any) -> Source:
-    """The embedded procedurally generated data set (``clipup_jax.data.synthetic``); options go to its constructor."""
-    from clipup_jax.data.synthetic import SyntheticCaptions  # imported on use: it is only needed for this kind
+    """The embedded procedurally generated data set (``clipup_jax.data.synthetic``): `world` picks which, the
+    other options go to its constructor."""
+    from clipup_jax.data import synthetic  # imported on use: it is only needed for this kind
 
     if not split:
         raise ValueError("synthetic source needs a split, e.g. 'synthetic:train'")
-    try:
-        inspect.signature(SyntheticCaptions).bind(split, **options)
-    except TypeError as e:
-        raise ValueError(f"synthetic source: {e}") from None
-    return SyntheticCaptions(split, **options)
+    return synthetic.make_source(split, **options)
 
 
 SOURCES: dict[str, Callable[..., Source]] = {
