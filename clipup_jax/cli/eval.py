@@ -20,6 +20,7 @@ import time
 
 from clipup_jax.checkpoints.train_workdir import SAVED_CONFIG
 from clipup_jax.cli.errors import Parser, run_cli
+from clipup_jax.data.image_ops import RESIZE_MODES
 from clipup_jax.train.configs import load_config, split_overrides
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}  # CLI name -> CLIP_benchmark's
@@ -45,6 +46,8 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
             raise ValueError(f"--task {args.task}: {args.dataset} is a {benchmark.task} set")
     elif args.task is not None or args.data_root is not None:
         raise ValueError("--task and --data-root go with --dataset")
+    elif args.resize_mode is not None:
+        raise ValueError("--resize-mode goes with --dataset; a config names it as --config.data.eval_resize")
     config = None
     if benchmark is None:  # the config first: a typo in it fails before a checkpoint is read
         config_path = args.config
@@ -57,12 +60,15 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     ckpt = load_checkpoint(checkpoint, opt_state=False)
     tokenizer = ckpt.tokenizer(args.tokenizer)
     if benchmark is not None:
-        data = eval_data(make_source(benchmark.source), tokenizer, zero_shot=benchmark.zero_shot)
+        data = eval_data(make_source(benchmark.source), tokenizer, zero_shot=benchmark.zero_shot,
+                         resize=args.resize_mode or "shortest")
         batch_size, what = args.batch_size, f"{benchmark.name} ({benchmark.source['path']})"
     else:
         data = eval_data_for(config, tokenizer)
         batch_size, what = config.eval_batch_size, f"{config.data.eval} (config {config_path})"
-    print(f"evaluating on {what}", flush=True)
+    # The CLIP tokenizer lowercases every caption (OpenAI's clean-up); the resize mode is the eval's choice.
+    preprocessing = {"resize_mode": data.resize, "interpolation": "bicubic", "caption_case": "lower"}
+    print(f"evaluating on {what}; images: {data.resize} resize, bicubic; captions lowercased", flush=True)
     metrics = evaluate(model_from_params(ckpt.config, ckpt.params, source=str(checkpoint)), data, batch_size,
                        progress=_Progress())
     step = ckpt.metadata.get("step")
@@ -74,6 +80,7 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     if out := args.out:
         record = ({"checkpoint": str(checkpoint), "step": step, **metrics} if benchmark is None else
                   benchmark_sets.clip_benchmark_result(benchmark, metrics, str(checkpoint), f"step {step}"))
+        record["preprocessing"] = preprocessing
         atomic_file(out, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
 
 
@@ -104,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", type=pathlib.Path, help="with --dataset: the directory holding it")
     parser.add_argument("--split", default="test", help="with --dataset: the Karpathy split (default test)")
     parser.add_argument("--batch-size", type=int, default=64, help="with --dataset: images per batch")
+    parser.add_argument("--resize-mode", choices=RESIZE_MODES,
+                        help="with --dataset: how images become square: shortest side + centre crop (CLIP's, the "
+                             "default), squash, or longest side + padding")
     parser.add_argument("--tokenizer", type=pathlib.Path,
                         help="a tokenizer (bpe .txt.gz, or a dir with vocab.json + merges.txt) instead of the "
                              "checkpoint's, e.g. for one imported without any")

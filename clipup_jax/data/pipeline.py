@@ -41,7 +41,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from clipup_jax.data.image_ops import CLIP_MEAN, CLIP_STD, preprocess
+from clipup_jax.data.image_ops import CLIP_MEAN, CLIP_STD, check_resize_mode, preprocess
 from clipup_jax.data.sources.records import CAPTION, CAPTIONS, IMAGE, IMAGE_BYTES, KEY, LABEL
 from clipup_jax.data.tokenizer import Tokenizer
 
@@ -220,6 +220,7 @@ class EvalExample:
     max_captions: int
     process_index: int = 0
     process_count: int = 1
+    resize: str = "shortest"  # image_ops.RESIZE_MODES
 
     def empty(self, index: int, skipped: int) -> dict:
         s, c, n = self.image_size, self.max_captions, self.context_length
@@ -238,7 +239,7 @@ class EvalExample:
             _note_skip(record.get(KEY), image)
             return self.empty(index, 1)
         out = self.empty(index, 0)
-        out["pixels"] = preprocess(image, self.image_size)
+        out["pixels"] = preprocess(image, self.image_size, self.resize)
         out["tokens"][: len(captions)] = self.tokenizer(captions, self.context_length)
         out["caption_mask"][: len(captions)] = True
         out["mask"] = np.bool_(True)
@@ -385,13 +386,14 @@ def eval_num_batches(num_examples: int, batch_size: int, process_count: int = 1)
 
 def eval_pipeline(source: Any, *, tokenizer: Tokenizer, image_size: int, context_length: int, batch_size: int,
                   max_captions: int = 5, process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                  read_threads: int | None = None) -> grain.IterDataset:
-    """Each example of this process's slice exactly once, resized and centre-cropped, in ``eval_num_batches``
-    padded batches with every usable caption (see module doc for the layout)."""
+                  read_threads: int | None = None, resize: str = "shortest") -> grain.IterDataset:
+    """Each example of this process's slice exactly once, made square as `resize` says (image_ops.RESIZE_MODES),
+    in ``eval_num_batches`` padded batches with every usable caption (see module doc for the layout)."""
     _check_process(process_index, process_count, batch_size)
     if max_captions < 1:
         raise ValueError(f"max_captions must be >= 1, got {max_captions}")
-    transform = EvalExample(tokenizer, image_size, context_length, max_captions, process_index, process_count)
+    transform = EvalExample(tokenizer, image_size, context_length, max_captions, process_index, process_count,
+                            check_resize_mode(resize))
     ds = grain.MapDataset.source(source)[process_index::process_count].map_with_index(transform)
     total = eval_num_batches(len(source), batch_size, process_count) * batch_size
     if total > len(ds):

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from clipup_jax.data.image_ops import check_resize_mode
 from clipup_jax.data.pipeline import eval_num_batches, eval_pipeline
 from clipup_jax.data.tokenizer import Tokenizer
 from clipup_jax.evaluate import templates
@@ -58,9 +59,11 @@ class EvalData:
     class_names: Sequence[str] = ()
     templates: Sequence[str] = ()
     max_captions: int = 5
+    resize: str = "shortest"  # how an image is made square: data.image_ops.RESIZE_MODES
 
 
-def eval_data(source: Any, tokenizer: Tokenizer, size: int | None = None, zero_shot: str = "") -> EvalData:
+def eval_data(source: Any, tokenizer: Tokenizer, size: int | None = None, zero_shot: str = "",
+              resize: str = "shortest") -> EvalData:
     """`EvalData` for `source` with the classes `zero_shot` names (`zero_shot_classes`), and as many caption slots
     per image as the source's most-captioned image where it says (Karpathy splits), so no caption is cut."""
     class_names, prompts = zero_shot_classes(zero_shot, source)
@@ -69,7 +72,7 @@ def eval_data(source: Any, tokenizer: Tokenizer, size: int | None = None, zero_s
         raise ValueError(f"zero-shot classes {zero_shot!r}: {len(class_names)} class names for the {len(folders)} "
                          f"class folders of the eval data")
     return EvalData(source, tokenizer, size, class_names, prompts,
-                    max(EvalData.max_captions, getattr(source, "max_captions", 0)))
+                    max(EvalData.max_captions, getattr(source, "max_captions", 0)), check_resize_mode(resize))
 
 
 class _Prefix:
@@ -102,7 +105,7 @@ def evaluate(model: CLIP, data: EvalData, batch_size: int = 256,
     pipeline = eval_pipeline(source, tokenizer=data.tokenizer, image_size=cfg.vision.image_size,
                              context_length=cfg.text.context_length, batch_size=batch_size,
                              max_captions=data.max_captions, process_index=jax.process_index(),
-                             process_count=jax.process_count())
+                             process_count=jax.process_count(), resize=data.resize)
     embedder = Embedder(model, batch_size)
     images, texts, image_mask, caption_mask, labels = [], [], [], [], []
     batches = eval_num_batches(len(source), batch_size, jax.process_count())

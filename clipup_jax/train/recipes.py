@@ -29,6 +29,7 @@ def base_config(model: ModelConfig | str) -> ml_collections.ConfigDict:
         "eval": "synthetic:eval",
         "eval_size": 1000,  # examples of the eval source used (synthetic: generated)
         "zero_shot": "synthetic",  # class names/labels of the eval source, or "" for none
+        "eval_resize": "shortest",  # how eval images become square: data.image_ops.RESIZE_MODES (CLIP: shortest)
         "tokenizer": "",  # bpe_simple_vocab_16e6.txt.gz or HF dir; "" = train one on the synthetic captions
         "num_workers": 0,
         "synthetic_size": 100_000,

@@ -54,7 +54,7 @@ def train_source(config: ml_collections.ConfigDict) -> Any:
 def eval_data_for(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> EvalData:
     """The eval data a config names (the synthetic eval split is generated at `config.data.eval_size`)."""
     return eval_data(_source(config.data.eval, config, config.data.eval_size), tokenizer, config.data.eval_size,
-                     config.data.zero_shot)
+                     config.data.zero_shot, config.data.get("eval_resize", "shortest"))  # configs saved before it
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from clipup_jax.checkpoints.format import TOKENIZER_DIR, load_checkpoint, metada
 from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR, SAVED_CONFIG
 from clipup_jax.checkpoints.params import assign_params, check_params
 from clipup_jax.config import ModelConfig, model_config
+from clipup_jax.data.image_ops import check_resize_mode
 from clipup_jax.data.tokenizer import source_files
 from clipup_jax.models import CLIP
 from clipup_jax.models.dispatcher import describe_dispatchers, model_dispatchers
@@ -115,6 +116,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
         raise ValueError(f"config.max_nonfinite_skips={config.max_nonfinite_skips}: must be >= 0")
     make_contrastive_loss(config.loss, config.loss_impl)  # validates both names
     make_schedule(config.optim, config.total_steps)  # validates the schedule name
+    check_resize_mode(config.data.get("eval_resize", "shortest"))
     _dtype(config)
     cfg = model_config(config)
     mesh = config_mesh(config)

@@ -57,12 +57,22 @@ def test_eval_a_training_workdir(tmp_path, capsys):
     result = json.loads((tmp_path / "cb.json").read_text())
     assert {k: v for k, v in result.items() if k != "metrics"} == {
         "dataset": "mscoco_captions", "model": str(tmp_path / "run"), "pretrained": "step 2",
-        "task": "zeroshot_retrieval", "language": "en"}
+        "task": "zeroshot_retrieval", "language": "en",
+        "preprocessing": {"resize_mode": "shortest", "interpolation": "bicubic", "caption_case": "lower"}}
+    assert "images: shortest resize, bicubic; captions lowercased" in out
     assert sorted(result["metrics"]) == sorted(f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10))
     assert result["metrics"]["image_retrieval_recall@5"] == 1.0  # 3 images: every caption's image is in the top 5
     assert 0.0 <= result["metrics"]["text_retrieval_recall@1"] <= result["metrics"]["text_retrieval_recall@10"] <= 1.0
+    # How the 40x30 images become square is the user's choice, recorded with the result.
+    code, out, err = invoke(eval_main, ["--checkpoint", tmp_path / "run", "--task", "retrieval", "--dataset",
+                                        "mscoco_captions", "--data-root", coco, "--resize-mode", "squash",
+                                        "--out", tmp_path / "squash.json"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "squash.json").read_text())["preprocessing"]["resize_mode"] == "squash"
     for argv, match in ((["--task", "zeroshot", "--dataset", "mscoco_captions", "--data-root", coco],
                          "is a zeroshot_retrieval set"),
+                        (["--resize-mode", "squash"], "--config.data.eval_resize"),
+                        (["--config.data.eval_resize=crop"], "resize mode 'crop'"),
                         (["--task", "retrieval", "--dataset", "flickr30k", "--data-root", coco],
                          "flickr30k_test_karpathy.txt"),
                         (["--dataset", "mscoco_captions", "--data-root", coco, "--config", EXPERIMENTS / "demo.py"],

@@ -324,3 +324,25 @@ def test_huge_images_are_refused_or_decoded_small():
     image = decode_image({"image_bytes": buf.getvalue()}, draft_size=224)
     assert not isinstance(image, str) and image.mode == "RGB"
     assert 224 <= min(image.size) < 3000
+
+
+def test_resize_modes_against_hand_built_squares():
+    """A 40x20 image whose left half is red and right half blue: each mode's square, built by hand with PIL."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    pixels[:, 20:] = (0, 0, 255)
+    image = Image.fromarray(pixels)
+    normalise = lambda im: (np.asarray(im, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD  # noqa: E731
+    # shortest: short side to 16 (long side 32), centre crop: the middle 16 columns, half red, half blue.
+    want = normalise(image.resize((32, 16), Image.Resampling.BICUBIC).crop((8, 0, 24, 16)))
+    np.testing.assert_array_equal(preprocess(image, 16), want)
+    np.testing.assert_array_equal(preprocess(image, 16, "shortest"), want)
+    # squash: the whole image in 16x16, aspect lost.
+    np.testing.assert_array_equal(preprocess(image, 16, "squash"), normalise(image.resize((16, 16), Image.Resampling.BICUBIC)))
+    # longest: long side to 16 (16x8), centred on black: rows 0-3 and 12-15 are padding.
+    longest = preprocess(image, 16, "longest")
+    np.testing.assert_array_equal(longest[4:12], normalise(image.resize((16, 8), Image.Resampling.BICUBIC)))
+    np.testing.assert_array_equal(longest[:4], np.broadcast_to(-CLIP_MEAN / CLIP_STD, (4, 16, 3)))
+    np.testing.assert_array_equal(longest[12:], np.broadcast_to(-CLIP_MEAN / CLIP_STD, (4, 16, 3)))
+    with pytest.raises(ValueError, match="resize mode 'crop': expected one of shortest, squash, longest"):
+        preprocess(image, 16, "crop")
