@@ -67,10 +67,10 @@ def eval_data(source: Any, tokenizer: Tokenizer, size: int | None = None, zero_s
     """`EvalData` for `source` with the classes `zero_shot` names (`zero_shot_classes`), and as many caption slots
     per image as the source's most-captioned image where it says (Karpathy splits), so no caption is cut."""
     class_names, prompts = zero_shot_classes(zero_shot, source)
-    folders = getattr(source, "classes", None)  # a class-per-folder source knows its class count
-    if class_names and folders is not None and len(folders) != len(class_names):
-        raise ValueError(f"zero-shot classes {zero_shot!r}: {len(class_names)} class names for the {len(folders)} "
-                         f"class folders of the eval data")
+    classes = getattr(source, "classes", None)  # a class-per-folder or TFDS classification source knows its classes
+    if class_names and classes is not None and len(classes) != len(class_names):
+        raise ValueError(f"zero-shot classes {zero_shot!r}: {len(class_names)} class names for the {len(classes)} "
+                         f"classes of the eval data")
     return EvalData(source, tokenizer, size, class_names, prompts,
                     max(EvalData.max_captions, getattr(source, "max_captions", 0)), check_resize_mode(resize))
 

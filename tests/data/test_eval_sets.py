@@ -121,7 +121,7 @@ def test_imagenet_folder_zero_shot_with_openai_names_and_templates(tmp_path):
     three = tmp_path / "three"
     for i, wnid in enumerate(wnids[:3]):
         _image(three / wnid / "x.JPEG", i)
-    with pytest.raises(ValueError, match="1000 class names for the 3 class folders"):
+    with pytest.raises(ValueError, match="1000 class names for the 3 classes"):
         eval_data(make_source(f"imagefolder:{three}"), _tokenizer(tmp_path), zero_shot="imagenet1k")
     assert (class_names, class_prompts) == (names, prompts)
     tokenizer = _tokenizer(tmp_path)
@@ -141,3 +141,46 @@ def test_clip_benchmark_class_name_and_template_files(tmp_path):
         zero_shot_classes(f"clip_benchmark:pets@{tmp_path}")
     with pytest.raises(ValueError, match="config.data.zero_shot='imagenet21k'"):
         zero_shot_classes("imagenet21k")
+
+
+def test_tfds_imagenet2012_validation_is_a_zero_shot_set(tmp_path):
+    """A prepared `imagenet2012` (written by a stand-in builder with TFDS's feature spec: image, label, file_name):
+    records carry the label and no captions, its class names come from the data set, and zero-shot runs on it."""
+    import io
+
+    import tensorflow_datasets as tfds
+
+    wnids = ["n01440764", "n01443537", "n01484850"]
+
+    class Imagenet2012(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        name = "imagenet2012"
+        VERSION = tfds.core.Version("5.1.0")
+        code_path = None  # no checksums file to look for beside this module
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(encoding_format="jpeg"), "label": tfds.features.ClassLabel(names=wnids),
+                "file_name": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"validation": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, label in enumerate((0, 2, 2, 1)):
+                buffer = io.BytesIO()
+                Image.fromarray(np.random.RandomState(i).randint(0, 256, (20, 28, 3), dtype=np.uint8)).save(buffer, "JPEG")
+                yield str(i), {"image": buffer.getvalue(), "label": label, "file_name": f"ILSVRC2012_val_{i:08d}.JPEG"}
+
+    Imagenet2012(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    source = make_source("tfds:imagenet2012/validation", tfds_data_dir=tmp_path / "tfds")
+    assert source.classes == tuple(wnids)
+    records = sorted((r["key"], r["label"], r["captions"]) for r in map(source.__getitem__, range(len(source))))
+    assert records == [(f"ILSVRC2012_val_{i:08d}.JPEG", label, ()) for i, label in enumerate((0, 2, 2, 1))]
+    with pytest.raises(ValueError, match="1000 class names for the 3 classes"):
+        eval_data(source, _tokenizer(tmp_path), zero_shot="imagenet1k")
+    tokenizer = _tokenizer(tmp_path)
+    names, prompts = templates.imagenet1k()
+    metrics = evaluate(_model(tokenizer), EvalData(source, tokenizer, None, names[:3], prompts[:2]), batch_size=4)
+    assert metrics["eval_images"] == 4 and metrics["eval_captions"] == 0
+    assert 0.0 <= metrics["zero_shot_top1"] <= metrics["zero_shot_top5"] == 1.0  # 3 classes: all in the top 5
