@@ -3,11 +3,17 @@
 
 Only the file the user names is executed. Overrides must name an existing field
 (a typo is an error, never a silent new key) and keep its type.
+
+A checkpoint is enough: with `config.init.checkpoint` set, the model's architecture comes from the checkpoint's
+own `clipup.json`, not from the experiment file (whose recipe model may be another size); the file's MoE plans
+still apply to a dense checkpoint, which is then upcycled on the fly. A `--config.model.*` override the checkpoint
+contradicts is an error naming every such field with both values.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -15,6 +21,8 @@ import types
 from typing import Any, Sequence
 
 import ml_collections
+
+from clipup_jax.config import TOWERS, ModelConfig, model_config
 
 PREFIX = "--config."
 
@@ -63,7 +71,40 @@ def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_c
         raise ConfigFileError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
     for override in overrides:
         apply_override(config, override)
+    if path.suffix != ".json" and config.get("init") and config.init.get("checkpoint"):
+        config.model = model_from_init(config, overrides).to_dict()  # a saved config.json holds it already
     return config
+
+
+def model_from_init(config: ml_collections.ConfigDict, overrides: Sequence[str] = ()) -> ModelConfig:
+    """The model of a run initialised from `config.init.checkpoint`: the checkpoint's, with `config.model`'s MoE
+    plans on the towers of a dense checkpoint (the upcycle on the fly). `overrides` are the command line's: one
+    of `config.model` the result contradicts is an error listing them all (override -> checkpoint)."""
+    from clipup_jax.checkpoints.format import read_metadata  # imports Orbax: loaded only when a run needs it
+
+    init = read_metadata(config.init.checkpoint)[1]
+    wanted = model_config(config)
+    model = init
+    if not init.is_sparse:
+        model = init.replace(**{field: dataclasses.replace(getattr(init, field), moe=getattr(wanted, field).moe)
+                                for _, field in TOWERS.values()})
+    resolved = ml_collections.ConfigDict(model.to_dict())
+    contradicted = []
+    for override in overrides:
+        dotted = override.removeprefix(PREFIX).split("=", 1)[0]
+        if not dotted.startswith("model."):
+            continue
+        asked, got = config, resolved
+        for part in dotted.split("."):
+            asked = asked[part]
+        for part in dotted.split(".")[1:]:
+            got = got.get(part) if isinstance(got, ml_collections.ConfigDict) else None
+        if asked != got:
+            contradicted.append(f"{dotted}: {asked!r} -> {got!r}")
+    if contradicted:
+        raise ConfigFileError(f"config.init.checkpoint={config.init.checkpoint} gives the model; these overrides "
+                              f"contradict it (override -> checkpoint): {'; '.join(contradicted)}")
+    return model
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:

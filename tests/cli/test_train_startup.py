@@ -66,3 +66,33 @@ def test_the_trained_tokenizer_learns_the_configured_training_captions(tmp_path)
     context = config.model.text.context_length
     assert int((tokenizer(["zorblax"], context)[0] > 0).sum()) == 3  # SOT, one word token, EOT
     assert int((tokenizer(["triangle"], context)[0] > 0).sum()) > 3  # a word of the embedded set, never seen here
+
+
+def test_a_checkpoint_is_enough_its_model_comes_from_its_clipup_json(tmp_path, capsys):
+    """experiments/clipup_demo.py (a 64-wide, 4-block recipe) from a dense 32-wide, 2-block checkpoint: no model
+    override needed; the run trains the checkpoint's architecture with the recipe's MoE plan, upcycled on the fly."""
+    import json
+
+    import numpy as np
+
+    from clipup_jax.checkpoints.format import save_checkpoint
+    from clipup_jax.config import TOWERS, ModelConfig, TextConfig, VisionConfig
+    from clipup_jax.models.param_tree import abstract_params
+    from clipup_jax.train.recipes import DEMO_PLAN
+
+    small = ModelConfig(vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64),
+                        text=TextConfig(vocab_size=768, context_length=24, width=32, depth=2, heads=2, mlp_dim=64),
+                        embed_dim=16)
+    rng = np.random.default_rng(0)
+    params = {k: rng.normal(0, 0.02, v.shape).astype(np.float32) for k, v in abstract_params(small).items()}
+    save_checkpoint(tmp_path / "small", small, params, source={"format": "test"})
+    sparse_demo = str(pathlib.Path(EXPERIMENT).with_name("clipup_demo.py"))
+    steps = ["--config.batch_size=16", "--config.eval_every=0", "--config.checkpoint_every=1",
+             "--config.data.synthetic_size=64", "--config.optim.warmup_steps=1", "--config.total_steps=1"]
+    argv = ["--config", sparse_demo, "--workdir", tmp_path / "run", *steps,
+            f"--config.init.checkpoint={tmp_path / 'small'}"]
+    code, out, err = invoke(train_main, argv, capsys)
+    assert code == 0, err
+    assert f"train state from {tmp_path / 'small'}" in out
+    model = ModelConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text())["model"])
+    assert model == small.with_moe(DEMO_PLAN, tuple(TOWERS))
