@@ -47,7 +47,7 @@ import re
 
 import numpy as np
 
-from clipup_jax.checkpoints.errors import key_list
+from clipup_jax.checkpoints.errors import CheckpointError, key_list
 from clipup_jax.checkpoints.source_keys import SourceKeys
 from clipup_jax.checkpoints.params import check_params
 from clipup_jax.checkpoints.tensor_files import read_tensors
@@ -230,7 +230,12 @@ def convert(src: pathlib.Path, activation: str | None = None,
     """Reads a big_vision two-tower `.npz` and returns its config and canonical flat params."""
     src = pathlib.Path(src)
     source = str(src)
-    keys = SourceKeys(_strip_params_prefix(read_tensors(src)), source, "a supported big_vision two-tower checkpoint")
+    tensors = _strip_params_prefix(read_tensors(src))
+    if not any(k.startswith(("img/", "txt/")) for k in tensors):  # another layout altogether: say so, not a key
+        raise CheckpointError(f"{source}: not a big_vision two-tower checkpoint (no img/ or txt/ parameters; its "
+                              f"keys start {key_list(sorted(tensors)[:3])}): give the two-tower .npz big_vision "
+                              "saves, or --from hf / open_clip / openai for those layouts")
+    keys = SourceKeys(tensors, source, "a supported big_vision two-tower checkpoint")
     out: dict[str, np.ndarray] = {}
     vision, img_dim = _image_tower(keys, out)
     text, txt_dim = _text_tower(keys, out)

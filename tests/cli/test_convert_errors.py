@@ -70,6 +70,8 @@ CASES = [
     ("missing-src", ["--from", "openai", "{openai.safetensors}/nope.pt"], "nope.pt"),
     ("src-is-a-directory", ["--from", "openai", "{open_clip}"], "open_clip: is a directory; give the weights file"),
     ("wrong-suffix", ["--from", "openai", "{notes.txt}"], ".txt"),
+    ("big-vision-given-another-layout", ["--from", "big_vision", "{openai.safetensors}"],
+     "not a big_vision two-tower checkpoint (no img/ or txt/ parameters; its keys start"),
     ("open-clip-no-activation", ["--from", "open_clip", "{open_clip}/model.safetensors"], "--activation"),
     ("hf-not-a-dir", ["--from", "hf", "{openai.safetensors}"], "model directory"),
     ("hf-no-config", ["--from", "hf", "{open_clip}"], "config.json"),
