@@ -75,7 +75,7 @@ class Sizes:
     matmul: int  # n of the n^3 bf16 reference matmul
     steps: int  # steps per timed block (3 blocks)
     moe_layers: str | tuple[int, ...] = "every_2"
-    moe_towers: tuple[str, ...] = ("image", "text")
+    moe_towers: tuple[str, ...] = ("vision", "text")
     timed: tuple[str, ...] | None = None  # dispatch paths whose train step is timed (None: all)
 
 
@@ -87,7 +87,7 @@ def sizes(smoke: bool, batch: int) -> Sizes:
         tiny = ModelConfig(vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=1, heads=2, mlp_dim=256),
                            text=TextConfig(vocab_size=256, context_length=16, width=64, depth=1, heads=2, mlp_dim=256),
                            embed_dim=64)
-        return Sizes(tiny, batch=8, check_batch=4, matmul=256, steps=2, moe_layers=(0,), moe_towers=("image",),
+        return Sizes(tiny, batch=8, check_batch=4, matmul=256, steps=2, moe_layers=(0,), moe_towers=("vision",),
                      timed=("-",))
     return Sizes(preset("ViT-B-16"), batch=batch, check_batch=4, matmul=8192, steps=5)
 

@@ -174,8 +174,9 @@ class TextConfig:
                                   "tokens, breaking the causal mask; use 'top_k' for text")
 
 
-# A tower's name (as users write it: `--towers image,text`) -> (its parameters' prefix, its ModelConfig field).
-TOWERS: dict[str, tuple[str, str]] = {"image": ("visual", "vision"), "text": ("text", "text")}
+# A tower's name (as users write it: `--towers vision,text`, the config's field) -> (its parameters' prefix, its
+# ModelConfig field).
+TOWERS: dict[str, tuple[str, str]] = {"vision": ("visual", "vision"), "text": ("text", "text")}
 
 
 @dataclasses.dataclass(frozen=True)

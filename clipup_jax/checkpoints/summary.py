@@ -54,7 +54,7 @@ def describe(ckpt: Checkpoint) -> str:
     else:
         dense = dense_equivalent(cfg)
         label = "MoE"
-        for name, tower in (("image", v), ("text", t)):
+        for name, tower in (("vision", v), ("text", t)):
             if tower.moe is not None:
                 lines.append(f"{label:<13}{name}: {_plan(tower.moe, tower.depth)}")
                 label = ""

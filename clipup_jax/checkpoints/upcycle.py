@@ -54,7 +54,7 @@ SHARED_FROM = ("first", "average")  # multiplet: where the parameters outside th
 @dataclasses.dataclass(frozen=True)
 class UpcycleOptions:
     plan: MoEPlan = MoEPlan()
-    towers: tuple[str, ...] = ("image", "text")
+    towers: tuple[str, ...] = tuple(TOWERS)
     expert_noise: float = 0.0  # std of normal noise added to each expert's kernels (absolute)
     drop_upcycling: float = 0.0  # fraction of each expert's hidden units re-initialised (Drop-Upcycling)
     seed: int = 0
@@ -98,7 +98,7 @@ def sparse_config(dense: ModelConfig, opts: UpcycleOptions, source: str = "dense
                               "upcycling takes a dense checkpoint")
     opts.validate()
     if dense.shared_backbone and set(opts.towers) != set(TOWERS):
-        raise ConfigError("a shared backbone serves both modalities: upcycle towers image,text together")
+        raise ConfigError("a shared backbone serves both modalities: upcycle towers vision,text together")
     return dense.with_moe(opts.plan, opts.towers)
 
 

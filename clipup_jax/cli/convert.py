@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--top-k", type=int, metavar="K", help="experts per token (required unless --config)")
     up.add_argument("--moe-layers", metavar="LAYERS",
                     help="every_2, last_N, or block indices i,j,... (required unless --config)")
-    up.add_argument("--towers", metavar="TOWERS", help="towers to upcycle: image,text (default both)")
+    up.add_argument("--towers", metavar="TOWERS", help="towers to upcycle: vision,text (default both)")
     up.add_argument("--router-init-std", type=float, metavar="S",
                     help="std of the new routers' normal init (default 0.02)")
     up.add_argument("--capacity-factor", metavar="C", help="training capacity factor, or none (dropless); default 1.25")

@@ -124,7 +124,7 @@ def choose(plan: MoEPlan, *, train: bool, mesh_shape: Mapping[str, int] | None =
 
 def model_dispatchers(cfg: ModelConfig, mesh_shape: Mapping[str, int] | None = None,
                       backend: str | None = None) -> dict[str, tuple[Dispatcher, Dispatcher]]:
-    """(training, inference) dispatchers of each sparse tower ('image', 'text'), errors naming the config field."""
+    """(training, inference) dispatchers of each sparse tower ('vision', 'text'), errors naming the config field."""
     out = {}
     for tower, (_, field) in TOWERS.items():
         plan = getattr(cfg, field).moe

@@ -80,14 +80,14 @@ def test_upcycled_features_equal_dense_on_every_dispatch_path(dense, path, top_k
         _assert_close(got, ref)
 
 
-@pytest.mark.parametrize("towers", [("image",), ("text",)])
+@pytest.mark.parametrize("towers", [("vision",), ("text",)])
 def test_one_tower_upcycled_the_other_copied(dense, towers):
     cfg, params, inputs, want = dense
     up = upcycle(cfg, params, UpcycleOptions(plan=_plan(router_init_std=1.0), towers=towers))
-    assert (up.config.vision.moe is not None) == ("image" in towers)
+    assert (up.config.vision.moe is not None) == ("vision" in towers)
     assert (up.config.text.moe is not None) == ("text" in towers)
     routers = {k.split("/")[0] for k in up.params if k.endswith("router_kernel")}
-    assert routers == {"visual" if towers == ("image",) else "text"}
+    assert routers == {"visual" if towers == ("vision",) else "text"}
     for got, ref in zip(_features(up.config, up.host_params(), inputs), want):
         _assert_close(got, ref)
 
@@ -121,11 +121,11 @@ def test_unmatched_keys_are_listed(dense):
 
 
 @pytest.mark.parametrize("bad, needle", [
-    (dict(towers=("image", "audio")), "audio"),
+    (dict(towers=("vision", "audio")), "audio"),
     (dict(drop_upcycling=1.5), "drop-upcycling ratio 1.5"),
     (dict(expert_noise=-0.1), "noise"),
     (dict(plan=_plan(router_init_std=0.0)), "tie"),
-    (dict(plan=_plan(layers=(1, 2))), r"image tower: moe.layers: block indices \[2\]"),
+    (dict(plan=_plan(layers=(1, 2))), r"vision tower: moe.layers: block indices \[2\]"),
     (dict(plan=_plan(num_experts=2, top_k=3)), "top_k=3"),
 ])
 def test_bad_options_are_refused(dense, bad, needle):

@@ -52,7 +52,7 @@ def test_import_upcycle_embed_gives_the_dense_features(setup, tmp_path, capsys):
     assert code == 0, err
     code, out, err = invoke(convert, ["upcycle", tmp_path / "dense", "--out", tmp_path / "sparse", *FLAGS], capsys)
     assert code == 0, err
-    assert "4 experts top-2 in image and text" in out and "note:" not in out  # dropless eval: no capacity warning
+    assert "4 experts top-2 in vision and text" in out and "note:" not in out  # dropless eval: no capacity warning
     sparse = load_checkpoint(tmp_path / "sparse")
     assert sparse.metadata["kind"] == "sparse" and sparse.tokenizer_path is not None  # tokenizer carried over
     assert sparse.config.vision.moe.layer_indices(2) == (1,)
@@ -91,13 +91,13 @@ def test_config_file_equals_flags(setup, tmp_path, capsys):
     assert code == 0, err
     (tmp_path / "up.py").write_text(
         "import ml_collections\n\n\ndef get_config():\n"
-        "    return ml_collections.ConfigDict(dict(num_experts=4, top_k=1, moe_layers=[0], towers='image',\n"
+        "    return ml_collections.ConfigDict(dict(num_experts=4, top_k=1, moe_layers=[0], towers='vision',\n"
         "        eval_capacity_factor=None, expert_noise=0.01, drop_upcycling=0.25, seed=3, dispatch='ragged_dot'))\n")
     code, _, err = invoke(convert, ["upcycle", tmp_path / "dense", "--out", tmp_path / "a", "--config",
                                     tmp_path / "up.py"], capsys)
     assert code == 0, err
     code, _, err = invoke(convert, ["upcycle", tmp_path / "dense", "--out", tmp_path / "b", "--num-experts", 4,
-                                    "--top-k", 1, "--moe-layers", "0", "--towers", "image", "--eval-capacity-factor",
+                                    "--top-k", 1, "--moe-layers", "0", "--towers", "vision", "--eval-capacity-factor",
                                     "none", "--expert-noise", 0.01, "--drop-upcycling", 0.25, "--seed", 3], capsys)
     assert code == 0, err
     a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
@@ -131,7 +131,7 @@ BAD = [
      "[5] are outside 0..1"),
     ("last-n-beyond-depth", ["{dense}", "--num-experts", 4, "--top-k", 2, "--moe-layers", "last_3"], "last_3"),
     ("experts-below-top-k", ["{dense}", "--num-experts", 2, "--top-k", 3, "--moe-layers", "every_2"], "top_k=3"),
-    ("unknown-tower", ["{dense}", *FLAGS, "--towers", "image,audio"], "'audio'"),
+    ("unknown-tower", ["{dense}", *FLAGS, "--towers", "vision,audio"], "'audio'"),
     ("drop-above-one", ["{dense}", *FLAGS, "--drop-upcycling", 1.5], "drop-upcycling ratio 1.5"),
     ("drop-negative", ["{dense}", *FLAGS, "--drop-upcycling", -0.1], "drop-upcycling ratio -0.1"),
     ("negative-noise", ["{dense}", *FLAGS, "--expert-noise", -0.01], "noise std -0.01"),

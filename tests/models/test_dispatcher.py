@@ -54,10 +54,10 @@ def test_expert_choice_router_has_its_own_dispatch():
 
 
 def test_model_dispatchers_name_the_tower_and_share_the_experts_vs_mesh_rule():
-    cfg = preset("tiny").with_moe(MoEPlan(num_experts=4, top_k=2), ("image",))
+    cfg = preset("tiny").with_moe(MoEPlan(num_experts=4, top_k=2), ("vision",))
     chosen = model_dispatchers(cfg, {"data": 2, "expert": 4}, backend="cpu")
-    assert set(chosen) == {"image"}
-    assert describe_dispatchers(chosen) == ("MoE dispatch, image tower: train padded, expert-parallel over 4 "
+    assert set(chosen) == {"vision"}
+    assert describe_dispatchers(chosen) == ("MoE dispatch, vision tower: train padded, expert-parallel over 4 "
                                             "(all_to_all), capacity 1.25; eval padded, expert-parallel over 4 "
                                             "(all_to_all), capacity 2")
     model_dispatchers(cfg, {"expert": 8})  # 4 experts, each on two devices
@@ -79,7 +79,7 @@ def test_rows_the_planner_budgets():
     (("sorted", "pallas"), "pallas"), (("dense_reference", "padded"), "dense_reference"),
 ])
 def test_configs_written_with_the_old_dispatch_names_load(old, new):
-    cfg = preset("tiny").with_moe(MoEPlan(num_experts=4), ("image",))
+    cfg = preset("tiny").with_moe(MoEPlan(num_experts=4), ("vision",))
     data = json.loads(cfg.to_json())
     data["vision"]["moe"].pop("eval_dispatch")
     data["vision"]["moe"].update(dispatch=old[0], grouped_matmul=old[1])
@@ -88,7 +88,7 @@ def test_configs_written_with_the_old_dispatch_names_load(old, new):
 
 
 def test_an_old_pair_without_an_equivalent_is_refused():
-    data = json.loads(preset("tiny").with_moe(MoEPlan(num_experts=4), ("image",)).to_json())
+    data = json.loads(preset("tiny").with_moe(MoEPlan(num_experts=4), ("vision",)).to_json())
     data["vision"]["moe"].update(dispatch="einsum", grouped_matmul="ragged_dot")
     with pytest.raises(ConfigError, match="dispatch='einsum' with grouped_matmul='ragged_dot'"):
         ModelConfig.from_dict(data)

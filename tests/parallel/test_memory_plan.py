@@ -20,7 +20,7 @@ MODEL = ModelConfig(vision=VisionConfig(image_size=32, patch_size=4, width=32, d
                     text=TextConfig(vocab_size=64, context_length=16, width=32, depth=1, heads=2, mlp_dim=64),
                     embed_dim=16)
 CASES = {  # two compiles keep this file quick; a dense data-parallel step measured 0.92 as well
-    "sparse_every_2": (sparse(MODEL, MoEPlan(num_experts=4, top_k=2, capacity_factor=1.5), towers=("image",)), "none",
+    "sparse_every_2": (sparse(MODEL, MoEPlan(num_experts=4, top_k=2, capacity_factor=1.5), towers=("vision",)), "none",
                        {"data": 2, "expert": 4}),
     "dense_remat_full_fsdp": (MODEL, "full", {"data": 2, "fsdp": 4}),
 }
@@ -76,7 +76,7 @@ def test_plan_scales_with_the_mesh():
 
 @pytest.mark.parametrize("experts, expert_axis", [(4, 8), (4, 2), (3, 2), (6, 4)])
 def test_trainer_and_planner_accept_and_refuse_the_same_expert_meshes(experts, expert_axis):
-    config = base_config(sparse(MODEL, MoEPlan(num_experts=experts, top_k=2), towers=("image",)))
+    config = base_config(sparse(MODEL, MoEPlan(num_experts=experts, top_k=2), towers=("vision",)))
     config.batch_size = 64
     config.mesh = ml_collections.ConfigDict({"data": 8 // expert_axis, "fsdp": 1, "expert": expert_axis})
     verdicts = []

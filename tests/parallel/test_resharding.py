@@ -26,7 +26,7 @@ EXPERT_KERNEL = "visual/encoder/blocks/1/mlp/fc1_kernel"  # (4 experts, 32, 64)
 
 
 def _config(mesh: dict[str, int]) -> ml_collections.ConfigDict:
-    config = base_config(sparse(TINY, MoEPlan(num_experts=4, top_k=2), towers=("image",)))
+    config = base_config(sparse(TINY, MoEPlan(num_experts=4, top_k=2), towers=("vision",)))
     config.batch_size = 8
     config.total_steps = 2
     config.optim.warmup_steps = 1

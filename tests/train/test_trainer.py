@@ -93,7 +93,7 @@ def test_sparse_from_dense_checkpoint_upcycles_and_learns(tmp_path, capsys):
     config.upcycle.router_init, config.upcycle.calibration_size = "kmeans", 8
     config.upcycle.multiplet, config.upcycle.shared_from = str(tmp_path / "dense"), "average"
     history = run_experiment(config, tmp_path / "sparse")
-    assert (f"upcycled {tmp_path / 'dense'}: 4 experts top-2 in image and text, router init kmeans on 8 "
+    assert (f"upcycled {tmp_path / 'dense'}: 4 experts top-2 in vision and text, router init kmeans on 8 "
             "calibration examples, experts from 2 checkpoints (the rest: average)") in capsys.readouterr().out
     assert history["train"][-1]["aux_loss"] > 0
     assert any(k.endswith("/expert_load/3") for k in history["train"][-1])
