@@ -35,6 +35,7 @@ import tensorstore as ts
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.train_workdir import is_train_workdir, read_train_params
 from clipup_jax.checkpoints.params import check_params
+from clipup_jax.storage import Path, PathLike, absolute, as_path
 from clipup_jax.models.param_tree import abstract_params, flatten, nest
 from clipup_jax.config import ConfigError, ModelConfig
 
@@ -96,18 +97,18 @@ class AdamMoments:
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    path: pathlib.Path
+    path: Path
     config: ModelConfig
     params: dict[str, np.ndarray]
     metadata: dict[str, Any]
     opt_state: AdamMoments | None = None
 
     @property
-    def tokenizer_path(self) -> pathlib.Path | None:
+    def tokenizer_path(self) -> Path | None:
         """The file or directory to hand to `Tokenizer.from_path`, or None."""
         return tokenizer_path(self.path, self.metadata)
 
-    def tokenizer(self, given: pathlib.Path | None = None, flag: str = "--tokenizer"):
+    def tokenizer(self, given: PathLike | None = None, flag: str = "--tokenizer"):
         """`given` (a user's tokenizer file or directory) or else the checkpoint's own, checked against the text
         tower: fewer tokens than its embedding rows is fine (ids index into the table), more is refused."""
         from clipup_jax.data.tokenizer import Tokenizer  # data/ is heavy; only text paths need it
@@ -116,7 +117,7 @@ class Checkpoint:
         if path is None:
             raise CheckpointError(f"{self.path}: has no tokenizer; pass {flag} FILE (a bpe .txt.gz, or a directory "
                                   "with vocab.json and merges.txt)")
-        if not pathlib.Path(path).exists():
+        if not as_path(path).exists():
             raise CheckpointError(f"{flag} {path}: no such file or directory")
         tok = Tokenizer.from_path(path)
         check_tokenizer_fits(path, tok.vocab_size, self.config)
@@ -131,7 +132,7 @@ def check_tokenizer_fits(path: pathlib.Path, vocab_size: int, config: ModelConfi
                               "rows of the text tower's token embedding")
 
 
-def tokenizer_path(directory: pathlib.Path, metadata: Mapping[str, Any]) -> pathlib.Path | None:
+def tokenizer_path(directory: Path, metadata: Mapping[str, Any]) -> Path | None:
     """Where the checkpoint at `directory` (with its `clipup.json` `metadata`) keeps its tokenizer, or None."""
     rel = metadata.get("tokenizer")
     return None if rel is None else _inside(directory, rel)
@@ -253,12 +254,12 @@ def metadata_dict(config: ModelConfig, source: Mapping[str, Any], tokenizer: str
     }
 
 
-def write_metadata(directory: pathlib.Path, metadata: Mapping[str, Any]) -> None:
+def write_metadata(directory: Path, metadata: Mapping[str, Any]) -> None:
     (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
 
 
-def read_metadata(path: str | pathlib.Path) -> tuple[dict[str, Any], ModelConfig]:
-    path = pathlib.Path(path)
+def read_metadata(path: PathLike) -> tuple[dict[str, Any], ModelConfig]:
+    path = as_path(path)
     meta_file = path / METADATA_FILE
     if not meta_file.is_file():
         raise CheckpointError(f"{path}: not a clipup checkpoint (no {METADATA_FILE})")
@@ -275,9 +276,10 @@ def read_metadata(path: str | pathlib.Path) -> tuple[dict[str, Any], ModelConfig
     return metadata, config
 
 
-def load_checkpoint(path: str | pathlib.Path, opt_state: bool = True) -> Checkpoint:
-    """Params (and Adam moments, when stored and `opt_state`) come back as host numpy arrays."""
-    path = pathlib.Path(path)
+def load_checkpoint(path: PathLike, opt_state: bool = True) -> Checkpoint:
+    """Params (and Adam moments, when stored and `opt_state`) come back as host numpy arrays; `path` local or
+    on an object store."""
+    path = as_path(path)
     metadata, config = read_metadata(path)
     if metadata.get("tokenizer") is not None:
         _inside(path, metadata["tokenizer"])  # validate before doing any work
@@ -301,7 +303,7 @@ def load_checkpoint(path: str | pathlib.Path, opt_state: bool = True) -> Checkpo
 def _read_tree(directory: pathlib.Path, shapes: Mapping[str, jax.ShapeDtypeStruct], what: str) -> dict[str, np.ndarray]:
     try:
         ckptr = ocp.StandardCheckpointer()
-        restored = ckptr.restore(directory.resolve(), nest(shapes))
+        restored = ckptr.restore(absolute(directory), nest(shapes))
         ckptr.close()
     except Exception as e:
         raise CheckpointError(f"{directory}: cannot restore {what} ({type(e).__name__}: {e})") from e
@@ -381,10 +383,11 @@ async def _awaited(future: Any) -> Any:
     return await future
 
 
-def _inside(root: pathlib.Path, rel: str) -> pathlib.Path:
+def _inside(root: Path, rel: str) -> Path:
     """A metadata path, refused if it would leave the checkpoint directory."""
-    target = (root / rel).resolve()
-    if not target.is_relative_to(root.resolve()) or pathlib.PurePath(rel).is_absolute():
+    target = absolute(root / rel)
+    if pathlib.PurePath(rel).is_absolute() or ".." in pathlib.PurePath(rel).parts \
+            or not target.is_relative_to(absolute(root)):
         raise CheckpointError(f"{root / METADATA_FILE}: path {rel!r} escapes the checkpoint directory")
     if not target.exists():
         raise CheckpointError(f"{root}: {rel} named in {METADATA_FILE} is missing")

@@ -8,7 +8,6 @@ is complete. Only the params subtree is read.
 
 from __future__ import annotations
 
-import pathlib
 import warnings
 from typing import Mapping
 
@@ -18,6 +17,7 @@ import orbax.checkpoint as ocp
 
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.models.param_tree import nest
+from clipup_jax.storage import Path, absolute
 
 CHECKPOINTS_DIR = "checkpoints"
 SAVED_CONFIG = "config.json"  # the run's experiment config, as `clipup-eval` reads it back
@@ -25,14 +25,14 @@ STATE_ITEM = "state"
 ITEMS = (STATE_ITEM, "data")
 
 
-def is_train_workdir(path: pathlib.Path) -> bool:
+def is_train_workdir(path: Path) -> bool:
     return (path / CHECKPOINTS_DIR).is_dir()
 
 
-def read_train_params(path: pathlib.Path, shapes: Mapping[str, jax.ShapeDtypeStruct]) -> tuple[dict[str, np.ndarray], int]:
+def read_train_params(path: Path, shapes: Mapping[str, jax.ShapeDtypeStruct]) -> tuple[dict[str, np.ndarray], int]:
     """(flat params as host arrays, step) of the latest complete step."""
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    manager = ocp.CheckpointManager((path / CHECKPOINTS_DIR).resolve(), options=options, item_names=ITEMS)
+    manager = ocp.CheckpointManager(absolute(path / CHECKPOINTS_DIR), options=options, item_names=ITEMS)
     steps = sorted(manager.all_steps(), reverse=True)
     manager.close()
     if not steps:
@@ -45,7 +45,7 @@ def read_train_params(path: pathlib.Path, shapes: Mapping[str, jax.ShapeDtypeStr
         directory = path / CHECKPOINTS_DIR / str(step) / STATE_ITEM
         try:
             restored = ocp.PyTreeCheckpointer().restore(
-                directory.resolve(), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                absolute(directory), args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                                  partial_restore=True))
         except Exception as e:  # Orbax/tensorstore raise many types for damaged files
             first_error = first_error or CheckpointError(f"{directory}: cannot restore params "

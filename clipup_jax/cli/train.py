@@ -12,6 +12,7 @@ import pathlib
 import sys
 
 from clipup_jax.cli.errors import Parser, run_cli
+from clipup_jax.storage import as_path
 from clipup_jax.train.configs import load_config, split_overrides
 from clipup_jax.workarounds import cap_malloc_arenas
 
@@ -21,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides, argv = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = Parser(prog="clipup-train", description=__doc__)
     parser.add_argument("--config", type=pathlib.Path, required=True, help="experiment file exposing get_config()")
-    parser.add_argument("--workdir", type=pathlib.Path, required=True, help="checkpoints, logs; resumed if present")
+    parser.add_argument("--workdir", type=as_path, required=True,
+                        help="checkpoints, logs (a local directory or gs://bucket/path); resumed if present")
     args = parser.parse_args(argv)
 
     def body() -> None:

@@ -11,7 +11,6 @@ import collections
 import gzip
 import heapq
 import json
-import pathlib
 from collections.abc import Iterable, Sequence
 
 from clipup_jax.data.tokenizer import (
@@ -20,13 +19,13 @@ from clipup_jax.data.tokenizer import (
     HF_MERGES_FILE,
     HF_VOCAB_FILE,
     SOT_TOKEN,
-    PathLike,
     byte_encode,
     clean_text,
     clip_vocab,
     merge_pair,
     pre_tokenize,
 )
+from clipup_jax.storage import Path, PathLike, as_path
 
 MERGES_HEADER = "#version: 0.2"
 
@@ -115,19 +114,19 @@ def _merge_lines(merges: Sequence[tuple[str, str]]) -> str:
     return "\n".join([MERGES_HEADER, *(f"{a} {b}" for a, b in merges)]) + "\n"
 
 
-def write_openai_bpe(merges: Sequence[tuple[str, str]], path: PathLike) -> pathlib.Path:
+def write_openai_bpe(merges: Sequence[tuple[str, str]], path: PathLike) -> Path:
     """Write an OpenAI-layout gzip merges file (header line, then ``a b`` per line); byte-reproducible."""
-    path = pathlib.Path(path)
+    path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _merge_lines(merges).encode("utf-8")
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
+    with path.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
         f.write(data)
     return path
 
 
-def write_hf_tokenizer(merges: Sequence[tuple[str, str]], directory: PathLike) -> pathlib.Path:
+def write_hf_tokenizer(merges: Sequence[tuple[str, str]], directory: PathLike) -> Path:
     """Write ``vocab.json`` (ids in CLIP order, as the OpenAI loader assigns them) and ``merges.txt``."""
-    directory = pathlib.Path(directory)
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     text = _merge_lines(merges)
     vocab = {token: i for i, token in enumerate(clip_vocab(merges))}  # duplicate results: last id wins, as OpenAI
@@ -136,6 +135,6 @@ def write_hf_tokenizer(merges: Sequence[tuple[str, str]], directory: PathLike) -
     return directory
 
 
-def build_tokenizer(directory: PathLike, texts: Iterable[str], num_merges: int) -> pathlib.Path:
+def build_tokenizer(directory: PathLike, texts: Iterable[str], num_merges: int) -> Path:
     """Train BPE on `texts` and write it as a HF-format tokenizer directory (returned)."""
     return write_hf_tokenizer(train_bpe(texts, num_merges), directory)

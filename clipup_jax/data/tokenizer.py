@@ -19,15 +19,13 @@ import functools
 import gzip
 import html
 import json
-import os
-import pathlib
 from collections.abc import Iterable, Sequence
 
 import ftfy
 import numpy as np
 import regex
 
-PathLike = str | os.PathLike[str]
+from clipup_jax.storage import Path, PathLike, as_path
 
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
@@ -94,7 +92,7 @@ def byte_encode(piece: str) -> str:
     return "".join(table[b] for b in piece.encode("utf-8"))
 
 
-def _read_text(path: pathlib.Path) -> str:
+def _read_text(path: Path) -> str:
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":  # gzip magic: trust content over the file name
@@ -104,7 +102,7 @@ def _read_text(path: pathlib.Path) -> str:
         raise ValueError(f"cannot read BPE merges file {path}: {e}") from e
 
 
-def _parse_merges(text: str, path: pathlib.Path, require_header: bool) -> list[tuple[str, str]]:
+def _parse_merges(text: str, path: Path, require_header: bool) -> list[tuple[str, str]]:
     """Parse ``a b`` lines after the header line; reject anything that is not exactly two symbols."""
     lines = text.split("\n")
     while lines and not lines[-1].strip():
@@ -123,9 +121,10 @@ def _parse_merges(text: str, path: pathlib.Path, require_header: bool) -> list[t
     return merges
 
 
-def source_files(path: PathLike) -> list[pathlib.Path]:
-    """The file(s) that define the tokenizer at ``path``, so a checkpoint writer can copy them verbatim."""
-    path = pathlib.Path(path)
+def source_files(path: PathLike) -> list[Path]:
+    """The file(s) that define the tokenizer at ``path`` (local or ``gs://``), so a checkpoint writer can copy
+    them verbatim."""
+    path = as_path(path)
     if path.is_dir():
         files = [path / HF_VOCAB_FILE, path / HF_MERGES_FILE]
         missing = [f.name for f in files if not f.is_file()]

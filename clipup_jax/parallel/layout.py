@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 import re
 from typing import Any, Mapping
 
@@ -22,6 +21,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from clipup_jax.models.param_tree import tree_path_name
+from clipup_jax.storage import PathLike, as_path
 
 FOLD_FRACTION = 0.01  # the compact table folds groups under 1 % of the parameter bytes into one row per module
 
@@ -176,11 +176,11 @@ def format_layout(layout: Layout, compact: bool = True) -> str:
     return "\n".join(lines)
 
 
-def report_layout(state: Any, shardings: Any, workdir: pathlib.Path, notes: str = "") -> Layout:
+def report_layout(state: Any, shardings: Any, workdir: PathLike, notes: str = "") -> Layout:
     """Prints the compact table and writes the full one to `workdir/layout.txt` (the trainer, on process 0),
     each followed by `notes` (what else the run decided about placement, e.g. its MoE dispatch)."""
     layout = state_layout(state, shardings)
     tail = f"\n{notes}" if notes else ""
     print(format_layout(layout, compact=True) + tail, flush=True)
-    (pathlib.Path(workdir) / "layout.txt").write_text(format_layout(layout, compact=False) + tail + "\n")
+    (as_path(workdir) / "layout.txt").write_text(format_layout(layout, compact=False) + tail + "\n")
     return layout

@@ -11,7 +11,6 @@ a kill mid-save leaves the previous step as the latest complete one.
 
 from __future__ import annotations
 
-import pathlib
 import warnings
 from typing import Any
 
@@ -20,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR, ITEMS, STATE_ITEM
 from clipup_jax.models.param_tree import path_shapes
+from clipup_jax.storage import Path, absolute
 
 def _data_args():
     import grain
@@ -28,14 +28,14 @@ def _data_args():
 
 
 class TrainCheckpoints:
-    def __init__(self, workdir: pathlib.Path, *, keep: int, every: int, async_save: bool = True):
+    def __init__(self, workdir: Path, *, keep: int, every: int, async_save: bool = True):
         # Every `every` steps (and the last, forced): not Orbax's default extra save at a run's first step, a
         # full state write that no schedule asked for. Preemption notices (jax's multi-host sync) still save.
         policy = ocp.checkpoint_managers.AnySavePolicy([ocp.checkpoint_managers.FixedIntervalPolicy(every),
                                                         ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_decision_policy=policy,
                                                enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager((workdir / CHECKPOINTS_DIR).resolve(), options=options,
+        self.manager = ocp.CheckpointManager(absolute(workdir / CHECKPOINTS_DIR), options=options,
                                              item_names=ITEMS)
 
     def latest_step(self) -> int | None:
@@ -76,7 +76,7 @@ class TrainCheckpoints:
         raise first_error if first_error else FileNotFoundError(f"{self.manager.directory}: no checkpoint steps")
 
     def _check_same_state(self, step: int, abstract_state: Any) -> None:
-        directory = (pathlib.Path(self.manager.directory) / str(step) / STATE_ITEM).resolve()
+        directory = absolute(self.manager.directory) / str(step) / STATE_ITEM
         try:
             tree = ocp.StandardCheckpointer().metadata(directory).item_metadata.tree
         except Exception:  # unreadable metadata: a damaged step, which restore's fallback handles

@@ -7,16 +7,18 @@ event writer, which needs no TensorFlow.
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import sys
 import time
 from typing import Iterable, Mapping, TextIO
 
 import numpy as np
 
+from clipup_jax.storage import LineLog, Path, PathLike, as_path
+
 
 class MetricsLog:
-    def __init__(self, workdir: pathlib.Path, total_steps: int, enabled: bool = True, stream: TextIO | None = None):
+    def __init__(self, workdir: Path, total_steps: int, enabled: bool = True, stream: TextIO | None = None):
         self.total_steps = total_steps
         self.enabled = enabled
         self.stream = stream  # None: sys.stdout as it is when a line is printed (a redirect after import holds)
@@ -28,9 +30,8 @@ class MetricsLog:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
             (workdir / "tb").mkdir(parents=True, exist_ok=True)
-            self._tb = EventFileWriter(str(workdir / "tb"))
-            self._jsonl = open(workdir / "metrics.jsonl", "a")
-            self._run_start = self._jsonl.tell()  # where this run's records begin (earlier runs precede it)
+            self._tb = EventFileWriter(os.fspath(workdir / "tb"))
+            self._jsonl = LineLog(workdir / "metrics.jsonl")  # earlier runs' records precede this run's
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -39,7 +40,7 @@ class MetricsLog:
 
         values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
         self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
-        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}))
 
     def progress(self, step: int, scalars: Mapping[str, float], examples_per_step: int) -> dict[str, float]:
         """Prints one progress line; returns the rate figures so they can be logged too."""
@@ -59,18 +60,15 @@ class MetricsLog:
         return rates
 
     def this_run(self) -> dict[str, list[dict[str, float]]]:
-        """This run's records read back from the JSONL file: {"train": [...], "eval": [...]}, eval keys unprefixed.
+        """This run's records: {"train": [...], "eval": [...]}, eval keys unprefixed; empty on processes that do
+        not write. Read back from a local file, so a long run's host memory does not grow with every log line."""
+        return _history(self._jsonl.this_run()) if self.enabled else {"train": [], "eval": []}
 
-        Read from disk rather than kept in memory, so a long run's host memory does not grow with every log line.
-        Empty on processes that do not write.
-        """
-        if not self.enabled:
-            return {"train": [], "eval": []}
-        if not self._jsonl.closed:
+    def flush(self) -> None:
+        """Makes what is logged durable (on an object store, where lines are not appended one by one)."""
+        if self.enabled:
+            self._tb.flush()
             self._jsonl.flush()
-        with open(self._jsonl.name) as f:
-            f.seek(self._run_start)
-            return _history(f)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -78,11 +76,10 @@ class MetricsLog:
             self._jsonl.close()
 
 
-def read_history(workdir: pathlib.Path) -> dict[str, list[dict[str, float]]]:
+def read_history(workdir: PathLike) -> dict[str, list[dict[str, float]]]:
     """Every run's records of a workdir (resumes included), as `MetricsLog.this_run` returns one run's; a step
     logged again after a relaunch keeps its last record."""
-    with open(workdir / "metrics.jsonl") as f:
-        history = _history(f)
+    history = _history(as_path(workdir).joinpath("metrics.jsonl").read_text().splitlines())
     return {kind: list({r["step"]: r for r in records}.values()) for kind, records in history.items()}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import jax
@@ -20,17 +19,18 @@ from clipup_jax.data.pipeline import caption_corpus, calibration_batch, train_pi
 from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
 from clipup_jax.evaluate.run import EvalData, eval_data, evaluate
+from clipup_jax.storage import Path, PathLike, as_path
 from clipup_jax.train.trainer import train
 
 SYNTHETIC_IMAGE_SIZE = 64  # generated resolution; the pipeline resizes to the model's
 TOKENIZER_TEXTS = 5000  # records whose captions train the tokenizer when config.data.tokenizer is ""
 
 
-def tokenizer_for(config: ml_collections.ConfigDict, workdir: pathlib.Path, train_source: Any) -> pathlib.Path:
+def tokenizer_for(config: ml_collections.ConfigDict, workdir: Path, train_source: Any) -> Path:
     """The configured tokenizer, or one trained on the captions of the run's own training data (kept in the
     workdir, reused on resume)."""
     if config.data.tokenizer:
-        return pathlib.Path(config.data.tokenizer)
+        return as_path(config.data.tokenizer)
     directory = workdir / "tokenizer_trained"
     if jax.process_index() == 0 and not (directory / "merges.txt").exists():
         corpus = caption_corpus(train_source, TOKENIZER_TEXTS)
@@ -57,8 +57,8 @@ def eval_data_for(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Ev
                      config.data.zero_shot, config.data.get("eval_resize", "shortest"))  # configs saved before it
 
 
-def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    workdir = pathlib.Path(workdir)
+def run_experiment(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any]:
+    workdir = as_path(workdir)
     cfg = model_config(config)
     source = train_source(config)  # a bad path fails here:
     workdir.mkdir(parents=True, exist_ok=True)  # before anything is written

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
-import shutil
 import signal
 import time
 from typing import Any, Callable, Iterator
@@ -28,6 +26,7 @@ from clipup_jax.models.dispatcher import describe_dispatchers, model_dispatchers
 from clipup_jax.parallel.layout import report_layout
 from clipup_jax.parallel.mesh import make_mesh
 from clipup_jax.parallel.sharding import batch_spec, data_parallel_size, param_shardings, state_shardings
+from clipup_jax.storage import Path, PathLike, as_path
 from clipup_jax.train.checkpointing import TrainCheckpoints, abstract_like
 from clipup_jax.train.metrics_log import MetricsLog, scalar_metrics
 from clipup_jax.train.losses import make_contrastive_loss
@@ -102,7 +101,7 @@ def _check_init(config: ml_collections.ConfigDict, cfg: ModelConfig, init: Model
                          "or start from a compatible checkpoint")
 
 
-def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None) -> None:
+def check_config(config: ml_collections.ConfigDict, workdir: PathLike | None = None) -> None:
     """Every check that needs no compile and writes nothing, so a bad config fails at once with one line naming
     the field or file (the CLIs call it before `run_experiment` creates the workdir)."""
     for field in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -121,10 +120,10 @@ def check_config(config: ml_collections.ConfigDict, workdir: str | pathlib.Path 
     cfg = model_config(config)
     mesh = config_mesh(config)
     model_dispatchers(cfg, dict(mesh.shape))  # experts vs the mesh, each dispatch vs its mode
-    if config.data.tokenizer and not pathlib.Path(config.data.tokenizer).exists():
+    if config.data.tokenizer and not as_path(config.data.tokenizer).exists():
         raise FileNotFoundError(f"config.data.tokenizer={config.data.tokenizer}: no such file or directory")
     if workdir is not None:
-        workdir = pathlib.Path(workdir)
+        workdir = as_path(workdir)
         if workdir.exists() and not workdir.is_dir():
             raise ValueError(f"workdir {workdir}: exists and is not a directory")
         if (workdir / CHECKPOINTS_DIR).is_dir():
@@ -175,23 +174,23 @@ def lower_train_step(config: ml_collections.ConfigDict) -> jax.stages.Lowered:
         return _jit_step(config, graphdef, tx, schedule, shardings, mesh).lower(abstract_like(state, shardings), batch)
 
 
-def _write_workdir_metadata(workdir: pathlib.Path, cfg: ModelConfig, tokenizer: pathlib.Path | None,
+def _write_workdir_metadata(workdir: Path, cfg: ModelConfig, tokenizer: PathLike | None,
                             config: ml_collections.ConfigDict) -> None:
     """Makes the workdir self-describing, like a converted checkpoint: config, tokenizer, experiment config."""
     entry = None
     if tokenizer is not None:
-        files = source_files(tokenizer)
+        files, tokenizer = source_files(tokenizer), as_path(tokenizer)
         (workdir / TOKENIZER_DIR).mkdir(exist_ok=True)
-        for f in files:
-            shutil.copy2(f, workdir / TOKENIZER_DIR / f.name)
+        for f in files:  # bytes, not a copy: the tokenizer and the workdir may be on different stores
+            (workdir / TOKENIZER_DIR / f.name).write_bytes(f.read_bytes())
         entry = TOKENIZER_DIR if tokenizer.is_dir() else f"{TOKENIZER_DIR}/{tokenizer.name}"
     source = {"format": "clipup-train", "init": str(config.init.checkpoint or "")}
     write_metadata(workdir, metadata_dict(cfg, source, entry, "adam"))
     (workdir / SAVED_CONFIG).write_text(config.to_json_best_effort(indent=2) + "\n")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, data: DataFactory,
-          tokenizer: pathlib.Path | None = None, evaluate: EvalFn | None = None,
+def train(config: ml_collections.ConfigDict, workdir: PathLike, *, data: DataFactory,
+          tokenizer: PathLike | None = None, evaluate: EvalFn | None = None,
           upcycle: Callable | None = None) -> dict[str, Any]:
     """Runs (or resumes) `config` in `workdir`; returns this run's logged metrics and evaluations (read back from
     metrics.jsonl: a long run keeps none of them in memory) and the final params.
@@ -203,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
     periodic actions after each step (log, eval, save; SIGTERM saves and stops).
     """
     apply_workarounds()  # for programs that call the library, not a CLI
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)  # local, or gs:// for a pod's shared run directory (clipup_jax/storage.py)
     check_config(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = model_config(config)
@@ -279,6 +278,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, dat
                 if eval_now:
                     _evaluate(log, evaluate, nnx.merge(graphdef, state.params, state.rest), step, main_process)
                 saved = checkpoints.save(step, state, data_iter, force=last or stopping)
+                if saved:
+                    log.flush()  # on an object store the metrics file is written at checkpoints
                 if saved or eval_now:
                     release_free_memory()  # what the save's and eval's host buffers left behind
                 if stopping:
