@@ -102,7 +102,7 @@ def table(configs: dict[str, ModelConfig], batch: int, seconds: dict[str, dict[s
         s = seconds[name]
         f_img, f_txt = image_flops(cfg), text_flops(cfg)
         chosen = model_dispatchers(cfg, backend=backend)
-        dispatch = chosen["image"][1].describe() if "image" in chosen else "-"
+        dispatch = chosen["vision"][1].describe() if "vision" in chosen else "-"
         vs_big = f"{s['image'] / seconds[big]['image']:.2f}" if big in seconds else ""
         lines.append(
             f"| {name} | {s['image'] * 1e3:,.0f} | {s['text'] * 1e3:,.0f} | {f_img / 1e9:.1f} | {f_txt / 1e9:.2f} | "

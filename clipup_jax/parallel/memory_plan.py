@@ -152,7 +152,7 @@ def activation_estimate(cfg: ModelConfig, config: ml_collections.ConfigDict, loc
     # vs padded buffers, which hold the same rows).
     train = {tower: d[0] for tower, d in model_dispatchers(cfg, mesh_shape, "cpu" if platform == "cpu" else "gpu").items()}
     parts = [
-        _tower_activations("vision", vt, v.width, v.heads, v.mlp_dim, v.depth, v.moe, train.get("image"), remat, s,
+        _tower_activations("vision", vt, v.width, v.heads, v.mlp_dim, v.depth, v.moe, train.get("vision"), remat, s,
                            local_batch),
         _tower_activations("text", t.context_length, t.width, t.heads, t.mlp_dim, t.depth, t.moe, train.get("text"),
                            remat, s, local_batch),
