@@ -74,7 +74,7 @@ class Launch:
         return float(np.polyfit(steps, mib, 1)[0] * 1000)
 
 
-def _rss_mib(pid: int) -> float | None:
+def rss_mib(pid: int) -> float | None:
     try:
         import psutil
 
@@ -154,7 +154,7 @@ def _run(workdir: pathlib.Path, steps: int, log: pathlib.Path, kill_after: float
     child = Child(workdir, steps, log, log.parent / "jax_cache", overrides, env)
     t0, first_step_at, first_step = time.monotonic(), None, 0
     while child.proc.poll() is None:
-        rss = _rss_mib(child.proc.pid)
+        rss = rss_mib(child.proc.pid)
         if child.step and rss:  # 0 once the child is exiting
             launch.rss.append((child.step, rss))
             if first_step_at is None:

@@ -27,6 +27,8 @@ import tempfile
 import threading
 import time
 
+from benchmarks import soak
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPARSE, DENSE = ROOT / "experiments" / "clipup_b16.py", ROOT / "experiments" / "clip_b16_dense.py"
 
@@ -38,16 +40,6 @@ def _overrides(blocks: int, image_size: int) -> list[str]:
            "--config.data.synthetic_size=64", "--config.data.num_workers=0", "--config.eval_every=0",
            "--config.log_every=1", "--config.checkpoint_every=1", "--config.optim.warmup_steps=1",
            "--config.compute_dtype=float32", "--config.remat=none"]
-
-
-def _rss_mib(pid: int) -> float | None:
-    try:
-        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def run_child(config: pathlib.Path, workdir: pathlib.Path, overrides: list[str], steps: int,
@@ -64,7 +56,7 @@ def run_child(config: pathlib.Path, workdir: pathlib.Path, overrides: list[str],
 
     def sample() -> None:
         while not done.is_set():
-            rss = _rss_mib(proc.pid)
+            rss = soak.rss_mib(proc.pid)
             if rss is not None:
                 samples.append((time.perf_counter() - start, rss))
             time.sleep(0.02)
