@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from clipup_jax.cli.errors import Parser, run_cli
-from clipup_jax.data.synthetic import MAX_CATALOGUE_SPECIES, WORLDS
+from clipup_jax.data.synthetic import WORLDS, make_source
 
 # Continued from the one parent, each once per seed; paired by seed in the comparisons.
 ARMS = ("dense", "dense-equal-flops", "clip-up")
@@ -189,8 +189,10 @@ def _demo(args: argparse.Namespace) -> None:
         raise ValueError(f"--species {args.species}: must be >= 0")
     if args.eval_size < 2:
         raise ValueError(f"--eval-size {args.eval_size}: at least 2 held-out pictures")
-    if args.world == "catalogue" and not 2 <= args.species <= MAX_CATALOGUE_SPECIES:
-        raise ValueError(f"--species {args.species}: the catalogue world needs 2 to {MAX_CATALOGUE_SPECIES} species")
+    try:  # the world's own rule for its options, before anything is written
+        make_source("eval", world=args.world, size=args.eval_size, species=args.species)
+    except ValueError as e:
+        raise ValueError(f"--world {args.world} --species {args.species}: {e}") from None
     if args.world == "catalogue" and args.eval_size > args.species:
         raise ValueError(f"--eval-size {args.eval_size} > --species {args.species}: in the catalogue world each "
                          "held-out picture shows another species, so at most one per species")

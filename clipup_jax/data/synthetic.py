@@ -378,6 +378,15 @@ def sample_scene(d: _Draws, max_objects: int, species: int = 0) -> Scene:
     return Scene(objects, background, int(d.uniform() * NUM_TEXTURES), int(d.uniform() * 2**31))
 
 
+def _checked_index(index: int, size: int) -> int:
+    """`index` into a source of `size` examples (negative counts from the end), or IndexError."""
+    i = operator.index(index)
+    i = i + size if i < 0 else i
+    if not 0 <= i < size:
+        raise IndexError(f"index {index} out of range for {size} examples")
+    return i
+
+
 # ----- the source -----------------------------------------------------------------------------------------------------
 class SyntheticCaptions:
     """Random-access source for ``grain.MapDataset.source``; example ``i`` depends only on (seed, split, i)."""
@@ -399,16 +408,9 @@ class SyntheticCaptions:
         return (f"SyntheticCaptions(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
                 f"seed={self.seed}, max_objects={self.max_objects}, species={self.species})")
 
-    def _index(self, index: int) -> int:
-        i = operator.index(index)
-        i = i + self.size if i < 0 else i
-        if not 0 <= i < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} examples")
-        return i
-
     def scene(self, index: int) -> Scene:
         """The scene of example ``index``: redrawn until its canonical caption is on this split's side of the hash."""
-        i = self._index(index)
+        i = _checked_index(index, self.size)
         d = _Draws(np.random.default_rng(np.random.SeedSequence([self.seed, SPLITS[self.split], i])))
         want_eval = self.split == "eval"
         while True:
@@ -421,7 +423,7 @@ class SyntheticCaptions:
         return describe(self.scene(index))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        i = self._index(index)
+        i = _checked_index(index, self.size)
         scene = self.scene(i)
         captions = describe(scene)
         label, colour_label = labels(scene, self.species)
@@ -506,21 +508,20 @@ class SyntheticCatalogue:
 
     def _view(self, index: int) -> tuple[int, int, _Draws]:
         """(index, species, the draws that make its view) of example `index`."""
-        i = operator.index(index)
-        i = i + self.size if i < 0 else i
-        if not 0 <= i < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} examples")
+        i = _checked_index(index, self.size)
         d = _Draws(np.random.default_rng(np.random.SeedSequence([self.seed, SPLITS[self.split], i, self.species])))
         species = i % self.species if self.split == "eval" else int(d.uniform() * self.species)
         return i, species, d
 
+    def _captions(self, species: int) -> tuple[str, ...]:
+        return tuple(t.format(species_names(self.species)[species]) for t in CATALOGUE_TEMPLATES)
+
     def captions(self, index: int) -> tuple[str, ...]:
-        name = species_names(self.species)[self._view(index)[1]]
-        return tuple(t.format(name) for t in CATALOGUE_TEMPLATES)
+        return self._captions(self._view(index)[1])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i, species, d = self._view(index)
-        captions = self.captions(i)
+        captions = self._captions(species)
         image = render_specimen(catalogue_looks(self.species, self.seed)[species], d, self.image_size)
         return {"image": image, "captions": captions, "caption": captions[0], "label": species, "index": i}
 
