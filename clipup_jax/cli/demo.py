@@ -31,18 +31,17 @@ def _step(message: str) -> None:
     print(f"\n=== {message}", flush=True)
 
 
-def _arm_config(model, parent: pathlib.Path, tokenizer: pathlib.Path, steps: int, seed: int,
-                args: argparse.Namespace):
-    from clipup_jax.train.recipes import demo_config
+def _arm_config(model, parent: pathlib.Path, steps: int, seed: int, args: argparse.Namespace):
+    from clipup_jax.train.configs import apply_override
+    from clipup_jax.train.recipes import DEMO_CONTINUED, demo_config
 
     config = demo_config(model)
     _set_world(config, args)
     config.seed = seed  # data order, router init and noise; the data set itself is config.data.synthetic_seed
-    config.init.checkpoint = str(parent)
-    config.data.tokenizer = str(tokenizer)
+    config.init.checkpoint = str(parent)  # its model and its tokenizer
     config.total_steps = steps
-    config.optim.lr = 5e-4  # continued training: reduced LR, as upcycling recipes do
-    config.optim.warmup_steps = 20
+    for field, value in DEMO_CONTINUED.items():
+        apply_override(config, f"{field}={value}")
     config.eval_every = steps
     config.checkpoint_every = steps
     config.log_every = 25
@@ -156,16 +155,6 @@ def _figure(report: dict[str, Any], histories: dict[str, list[list[dict[str, Any
     plt.close(fig)
 
 
-def _equal_flops_steps(dense_config, sparse_config, arm_steps: int) -> int:
-    """Dense steps costing what `arm_steps` CLIP-UP steps cost (training FLOPs, models/flops.py)."""
-    from clipup_jax.models.flops import train_flops
-    from clipup_jax.config import model_config
-
-    per_step = {name: train_flops(model_config(c), c.batch_size, 1) for name, c in
-                (("dense", dense_config), ("sparse", sparse_config))}
-    return max(arm_steps, round(arm_steps * per_step["sparse"] / per_step["dense"]))
-
-
 def _use_compile_cache(workdir: pathlib.Path) -> None:
     """The seeds of an arm run one program: compiled once, reused from the workdir's XLA cache (unless the user
     configured a cache of their own)."""
@@ -204,6 +193,7 @@ def _demo(args: argparse.Namespace) -> None:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     _use_compile_cache(workdir)
+    from clipup_jax.models.flops import equal_flops_steps
     from clipup_jax.train.recipes import DEMO_MODEL, DEMO_PLAN, demo_config, sparse
     from clipup_jax.train.run import run_experiment
     from clipup_jax.train.sweep_report import Run, build_report
@@ -216,13 +206,12 @@ def _demo(args: argparse.Namespace) -> None:
     parent_config.eval_every = pretrain_steps
     parent_config.checkpoint_every = pretrain_steps
     run_experiment(parent_config, workdir / "parent")
-    parent, tokenizer = workdir / "parent", workdir / "parent" / "tokenizer"
+    parent = workdir / "parent"
     runs = [Run("parent", seed, parent, parent_config)]
 
     models = {"dense": DEMO_MODEL, "dense-equal-flops": DEMO_MODEL, "clip-up": sparse(DEMO_MODEL, DEMO_PLAN)}
-    equal_flops = _equal_flops_steps(*(_arm_config(models[arm], parent, tokenizer, arm_steps, seed, args)
-                                       for arm in ("dense", "clip-up")), arm_steps)
-    steps = {"dense": arm_steps, "dense-equal-flops": equal_flops, "clip-up": arm_steps}
+    steps = {"dense": arm_steps, "dense-equal-flops": equal_flops_steps(models["clip-up"], arm_steps),
+             "clip-up": arm_steps}
     plan = [(arm_seed, arm) for arm_seed in range(seed + 1, seed + 1 + seeds) for arm in ARMS]
     histories: dict[str, list[list[dict[str, Any]]]] = {arm: [] for arm in ARMS}
     configs = {"parent": parent_config}
@@ -231,7 +220,7 @@ def _demo(args: argparse.Namespace) -> None:
         eta = "" if i == 0 else f", ETA {(time.perf_counter() - arms_start) / i * (len(plan) - i) / 60:.1f} min"
         _step(f"2/3 run {i + 1} of {len(plan)}: continue {arm} for {steps[arm]} steps from the parent, "
               f"seed {arm_seed}{eta}")
-        configs[arm] = config = _arm_config(models[arm], parent, tokenizer, steps[arm], arm_seed, args)
+        configs[arm] = config = _arm_config(models[arm], parent, steps[arm], arm_seed, args)
         runs.append(Run(arm, arm_seed, workdir / arm / f"seed_{arm_seed}", config))
         histories[arm].append(run_experiment(config, runs[-1].workdir)["train"])
 
@@ -249,13 +238,13 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from clipup_jax.train.recipes import demo_config
+    from clipup_jax.train.recipes import DEMO_ARM_STEPS, DEMO_PARENT_STEPS, demo_config
 
     parser = Parser(prog="clipup-demo", description=__doc__)
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path("out/demo"))
     parser.add_argument("--force", action="store_true", help="replace a non-empty --workdir")
-    parser.add_argument("--pretrain-steps", type=int, default=500)
-    parser.add_argument("--arm-steps", type=int, default=300)
+    parser.add_argument("--pretrain-steps", type=int, default=DEMO_PARENT_STEPS)
+    parser.add_argument("--arm-steps", type=int, default=DEMO_ARM_STEPS)
     parser.add_argument("--seeds", type=int, default=3, help="runs of each arm from the one parent (paired by seed)")
     parser.add_argument("--seed", type=int, default=0, help="shifts every seed: the parent's and the arms'")
     parser.add_argument("--eval-size", type=int, default=demo_config().data.eval_size,

@@ -1,10 +1,13 @@
 """clipup-sweep: run the arms of a sweep one after another, once per seed, or print their launch commands; report.
 
 A sweep file defines `BASE` (an experiment file, relative to the sweep file) and `get_sweep()`,
-returning `[{"name": str, "overrides": ["--config.a.b=v", ...]}, ...]`: sweeps are data. It may name its
-`BASELINE` arm (default: the first), which the report compares every other arm with, seed by seed.
-Each (arm, seed) trains in WORKDIR/NAME/seed_S with `config.seed = S` (resumed if present, skipped if finished),
-so a stopped sweep continues where it was. With `--report`, a run that fails is recorded and the sweep goes on;
+returning `[{"name": str, "overrides": ["--config.a.b=v", ...]}, ...]`: sweeps are data. An arm may name its own
+`"config"` (another experiment file, relative to the sweep file) and may start `"from"` an earlier arm: it is
+initialised from that arm's final checkpoint (model, and tokenizer, as `config.init.checkpoint`), the way the
+paper forks every continued arm from one dense parent; an arm others start from therefore runs once (seed 0).
+The sweep file may name its `BASELINE` arm (default: the first), which the report compares every other arm with,
+seed by seed. Each (arm, seed) trains in WORKDIR/NAME/seed_S with `config.seed = S` (resumed if present, skipped
+if finished), so a stopped sweep continues where it was. With `--report`, a run that fails is recorded and the sweep goes on;
 then WORKDIR/report.md, report.json and report.png list every arm's mean and 95 % interval, its paired
 difference from the baseline, its training FLOPs and time, and every run that did not finish.
 """
@@ -26,11 +29,24 @@ if TYPE_CHECKING:  # the report module imports jax: loaded when a sweep runs, no
     from clipup_jax.train.sweep_report import Run
 
 
+ARM_KEYS = ("name", "overrides", "config", "from")
+
+
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-    base: pathlib.Path
+    path: pathlib.Path
     arms: list[dict]
     baseline: str
+    base: pathlib.Path
+
+    def config_file(self, arm: dict) -> pathlib.Path:
+        """The arm's experiment file: its own `config` or the sweep's `BASE`, relative to the sweep file."""
+        return (self.path.parent / arm.get("config", self.base)).resolve()
+
+    @property
+    def parents(self) -> set[str]:
+        """Arms that others start from: each runs once."""
+        return {arm["from"] for arm in self.arms if "from" in arm}
 
 
 def load_sweep(path: pathlib.Path) -> Sweep:
@@ -44,25 +60,43 @@ def load_sweep(path: pathlib.Path) -> Sweep:
     bad = [n for n in names if not re.fullmatch(r"[\w.+-]+", n)]
     if bad or len(set(names)) != len(names):
         raise ConfigFileError(f"{path}: arm names must be unique and [A-Za-z0-9_.+-]+, got {names}")
+    for i, arm in enumerate(arms):
+        unknown = sorted(set(arm) - set(ARM_KEYS))
+        if unknown:
+            raise ConfigFileError(f"{path}: arm {arm['name']!r} has unknown keys {unknown} (expected {ARM_KEYS})")
+        if "from" in arm and arm["from"] not in names[:i]:
+            raise ConfigFileError(f"{path}: arm {arm['name']!r} starts from {arm['from']!r}, which is not an "
+                                  f"earlier arm ({names[:i]})")
     baseline = getattr(module, "BASELINE", names[0] if names else "")
     if baseline not in names:
         raise ConfigFileError(f"{path}: BASELINE {baseline!r} is not one of its arms {names}")
-    base = (path.parent / module.BASE).resolve()
-    for arm in arms:  # every override must apply before anything runs
-        load_config(base, arm["overrides"])
-    return Sweep(base, arms, baseline)
+    sweep = Sweep(path, arms, baseline, module.BASE)
+    if baseline in sweep.parents:
+        raise ConfigFileError(f"{path}: BASELINE {baseline!r} is an arm others start from, so it runs once: "
+                              "no seeds to pair with")
+    for arm in arms:  # every config file loads and every override applies before anything runs
+        load_config(sweep.config_file(arm), arm["overrides"])
+    return sweep
 
 
-def _runs(sweep: Sweep, workdir: pathlib.Path, seeds: int) -> list[tuple[list[str], Run]]:
-    """(overrides, run) of every (arm, seed), arm by arm."""
+def _run_dir(workdir: pathlib.Path, arm: str, seed: int) -> pathlib.Path:
+    return workdir / arm / f"seed_{seed}"
+
+
+def _runs(sweep: Sweep, workdir: pathlib.Path, seeds: int) -> list[tuple[dict, list[str], Run]]:
+    """(arm, overrides, run) of every (arm, seed), arm by arm. An arm that starts from another has its init checkpoint
+    among the overrides; its `run.config` leaves it out: the parent may not be trained yet."""
     from clipup_jax.train.sweep_report import Run
 
     out = []
     for arm in sweep.arms:
-        for seed in range(seeds):
+        for seed in range(1 if arm["name"] in sweep.parents else seeds):
             overrides = [*arm["overrides"], f"--config.seed={seed}"]
-            out.append((overrides, Run(arm["name"], seed, workdir / arm["name"] / f"seed_{seed}",
-                                       load_config(sweep.base, overrides))))
+            run = Run(arm["name"], seed, _run_dir(workdir, arm["name"], seed),
+                      load_config(sweep.config_file(arm), overrides))
+            if "from" in arm:
+                overrides.append(f"--config.init.checkpoint={_run_dir(workdir, arm['from'], 0)}")
+            out.append((arm, overrides, run))
     return out
 
 
@@ -75,16 +109,17 @@ def _sweep(path: pathlib.Path, workdir: pathlib.Path, seeds: int, dry_run: bool,
         raise ValueError(f"--seeds {seeds}: at least 1")
     sweep = load_sweep(path)
     runs = _runs(sweep, workdir, seeds)
-    for _, run in runs:  # every arm's config is sound before the first one trains
+    for *_, run in runs:  # every arm's config is sound before the first one trains
         try:
             check_config(run.config, run.workdir)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigFileError(f"{path}: arm {run.arm!r}: {e}") from e
     if report:
-        comparisons = [(a["name"], sweep.baseline) for a in sweep.arms if a["name"] != sweep.baseline]
-        check_comparable([run for _, run in runs], comparisons)  # before anything trains
-    for i, (overrides, run) in enumerate(runs, 1):
-        command = ["clipup-train", "--config", str(sweep.base), "--workdir", str(run.workdir), *overrides]
+        comparisons = [(a["name"], sweep.baseline) for a in sweep.arms
+                       if a["name"] != sweep.baseline and a["name"] not in sweep.parents]
+        check_comparable([run for *_, run in runs], comparisons)  # before anything trains
+    for i, (arm, overrides, run) in enumerate(runs, 1):
+        command = ["clipup-train", "--config", str(sweep.config_file(arm)), "--workdir", str(run.workdir), *overrides]
         print(f"[{i}/{len(runs)}] {run.arm} seed {run.seed}: {shlex.join(command)}", flush=True)
         if dry_run:
             continue
@@ -92,13 +127,15 @@ def _sweep(path: pathlib.Path, workdir: pathlib.Path, seeds: int, dry_run: bool,
             print(f"  finished earlier: {run.workdir}", flush=True)
             continue
         try:
-            run_experiment(run.config, run.workdir)
+            # Read again now that the parent (if any) has trained: its checkpoint gives the model.
+            run_experiment(load_config(sweep.config_file(arm), overrides) if "from" in arm else run.config,
+                           run.workdir)
         except Exception as e:
             if not report:
                 raise
             print(f"  FAILED: {type(e).__name__}: {e}", flush=True)  # listed in the report as not finished
     if report:
-        result = build_report([run for _, run in runs], comparisons)
+        result = build_report([run for *_, run in runs], comparisons)
         command = shlex.join(["clipup-sweep", str(path), "--workdir", str(workdir), "--seeds", str(seeds), "--report"])
         paths = write_report(result, sweep.baseline, workdir, command)
         print((workdir / "report.md").read_text())

@@ -62,3 +62,9 @@ def train_flops(cfg: ModelConfig, batch_size: int, steps: int) -> int:
     """Training FLOPs of `steps` steps at `batch_size` pairs: forward + backward = 3x the forward (Kaplan et al.'s
     6N per token), both towers, the contrastive logits left out (B x B x embed_dim, negligible at these widths)."""
     return 3 * (image_flops(cfg) + text_flops(cfg)) * batch_size * steps
+
+
+def equal_flops_steps(sparse: ModelConfig, steps: int) -> int:
+    """Steps of `sparse`'s dense equivalent that cost what `steps` steps of `sparse` cost (at one batch size):
+    the dense arm of a comparison at equal training compute."""
+    return max(steps, round(steps * train_flops(sparse, 1, 1) / train_flops(dense_equivalent(sparse), 1, 1)))

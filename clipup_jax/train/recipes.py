@@ -118,6 +118,12 @@ DEMO_PLAN = MoEPlan(layers="every_2", num_experts=4, top_k=2, capacity_factor=1.
                     load_balancing_weight=0.01, z_loss_weight=0.001)
 
 
+DEMO_PARENT_STEPS, DEMO_ARM_STEPS = 500, 300
+# What changes when an arm continues from the demo's parent (clipup-demo, experiments/sweeps/clipup_paper.py): a
+# reduced LR and a short warmup, as upcycling recipes do.
+DEMO_CONTINUED = {"optim.lr": 5e-4, "optim.warmup_steps": 20}
+
+
 def demo_config(model: ModelConfig = DEMO_MODEL) -> ml_collections.ConfigDict:
     """Dense pre-training of the tiny CLIP on the embedded synthetic data set (the `clipup-demo` parent)."""
     config = base_config(model)

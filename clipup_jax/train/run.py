@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from clipup_jax.checkpoints.format import check_tokenizer_fits, load_checkpoint, read_metadata
+from clipup_jax.checkpoints.format import check_tokenizer_fits, load_checkpoint, read_metadata, tokenizer_path
 from clipup_jax.checkpoints.router_init import Calibration
 from clipup_jax.checkpoints.upcycle import UpcycleOptions, check_multiplet
 from clipup_jax.checkpoints.upcycle import upcycle as upcycle_params
@@ -27,10 +27,15 @@ TOKENIZER_TEXTS = 5000  # records whose captions train the tokenizer when config
 
 
 def tokenizer_for(config: ml_collections.ConfigDict, workdir: Path, train_source: Any) -> Path:
-    """The configured tokenizer, or one trained on the captions of the run's own training data (kept in the
-    workdir, reused on resume)."""
+    """The configured tokenizer; else the init checkpoint's (the ids its token embeddings were trained on); else
+    one trained on the captions of the run's own training data (kept in the workdir, reused on resume)."""
     if config.data.tokenizer:
         return as_path(config.data.tokenizer)
+    if config.init.checkpoint:
+        checkpoint = as_path(config.init.checkpoint)
+        own = tokenizer_path(checkpoint, read_metadata(checkpoint)[0])
+        if own is not None:
+            return own
     directory = workdir / "tokenizer_trained"
     if jax.process_index() == 0 and not (directory / "merges.txt").exists():
         corpus = caption_corpus(train_source, TOKENIZER_TEXTS)

@@ -70,6 +70,32 @@ def test_seeds_report_and_resume(tmp_path, capsys):
     assert (workdir / "report.md").read_text() == md  # the same runs give the same report
 
 
+def test_arms_from_a_parent(tmp_path, capsys):
+    """A parent arm runs once; arms `from` it start from its checkpoint (model and tokenizer), with their own
+    config file and seeds; the report compares them with the baseline, never with the parent."""
+    sparse = CONFIG.replace("config = base_config(model)", "config = base_config(sparse(model, PLAN))").replace(
+        "from clipup_jax.train.recipes import base_config",
+        "from clipup_jax.train.recipes import DEMO_PLAN as PLAN, base_config, sparse")
+    (tmp_path / "tiny_sparse.py").write_text(sparse)
+    sweep = _sweep_file(tmp_path, "[{'name': 'parent', 'overrides': []}, "
+                                  "{'name': 'base', 'overrides': [], 'from': 'parent'}, "
+                                  "{'name': 'up', 'config': 'tiny_sparse.py', 'overrides': [], 'from': 'parent'}]")
+    workdir = tmp_path / "w"
+    code, out, err = invoke(sweep_main, [sweep, "--workdir", workdir, "--seeds", "2", "--report"], capsys)
+    assert code == 0, err
+    assert "[5/5] up seed 1" in out and "tiny_sparse.py" in out
+    report = json.loads((workdir / "report.json").read_text())
+    assert sorted((r["arm"], r["seed"]) for r in report["runs"] if r["state"] == "finished") == [
+        ("base", 0), ("base", 1), ("parent", 0), ("up", 0), ("up", 1)]
+    assert list(report["differences"]) == ["up - base"]
+    for arm in ("base", "up"):
+        saved = json.loads((workdir / arm / "seed_1" / "config.json").read_text())
+        assert saved["init"]["checkpoint"] == str(workdir / "parent" / "seed_0")
+        assert saved["data"]["tokenizer"] == ""  # the parent's, read from its checkpoint
+        assert not (workdir / arm / "seed_1" / "tokenizer_trained").exists()
+    assert json.loads((workdir / "up" / "seed_0" / "config.json").read_text())["model"]["vision"]["moe"]
+
+
 def test_arms_on_different_eval_sets_are_refused_before_training(tmp_path, capsys):
     sweep = _sweep_file(tmp_path, "[{'name': 'base', 'overrides': []}, "
                                   "{'name': 'other', 'overrides': ['--config.data.eval_size=16']}]")

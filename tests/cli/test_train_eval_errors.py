@@ -48,6 +48,11 @@ def files(tmp_path_factory) -> pathlib.Path:
     (root / "sweep_duplicate.py").write_text(_sweep(DENSE, "[{'name': 'a', 'overrides': []}] * 2"))
     (root / "sweep_missing_base.py").write_text(_sweep("missing_base.py", one_arm % "[]"))
     (root / "sweep_not_a_list.py").write_text(_sweep(DENSE, "{'name': 'x'}"))
+    (root / "sweep_from_later.py").write_text(_sweep(DENSE, "[{'name': 'a', 'overrides': [], 'from': 'b'}, "
+                                                            "{'name': 'b', 'overrides': []}]"))
+    (root / "sweep_unknown_key.py").write_text(_sweep(DENSE, "[{'name': 'a', 'overrides': [], 'seeds': 1}]"))
+    (root / "sweep_parent_baseline.py").write_text(_sweep(DENSE, "[{'name': 'p', 'overrides': []}, "
+                                                                 "{'name': 'a', 'overrides': [], 'from': 'p'}]"))
     return root
 
 
@@ -109,6 +114,11 @@ CASES = [
     ("sweep-duplicate-names", sweep_main, ["{sweep_duplicate.py}", "--workdir", "{out}"], "unique"),
     ("sweep-missing-base", sweep_main, ["{sweep_missing_base.py}", "--workdir", "{out}"], "missing_base.py"),
     ("sweep-not-a-list", sweep_main, ["{sweep_not_a_list.py}", "--workdir", "{out}"], "get_sweep() must return"),
+    ("sweep-from-later-arm", sweep_main, ["{sweep_from_later.py}", "--workdir", "{out}"],
+     "arm 'a' starts from 'b', which is not an earlier arm"),
+    ("sweep-unknown-arm-key", sweep_main, ["{sweep_unknown_key.py}", "--workdir", "{out}"], "unknown keys ['seeds']"),
+    ("sweep-parent-as-baseline", sweep_main, ["{sweep_parent_baseline.py}", "--workdir", "{out}"],
+     "BASELINE 'p' is an arm others start from"),
     ("demo-non-empty-workdir", demo_main, ["--workdir", "{nonempty}"], "--force"),
     ("demo-workdir-is-a-file", demo_main, ["--workdir", "{a_file}"], "not a directory"),
     ("demo-zero-steps", demo_main, ["--workdir", "{out}", "--pretrain-steps", "0"], "--pretrain-steps 0"),
