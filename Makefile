@@ -10,9 +10,12 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # torch==2.13.0 first: the CPU build on this machine's disk, so `transformers` pulls no CUDA wheels.
+# open_clip (the reference for its towers' import/export tests) without its dependencies: the torchvision it
+# requires does not load against this torch, and the tests stand in for the few names it imports.
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test,torch]"
+	$(BIN)/pip install --quiet --no-deps open_clip_torch==3.3.0
 	touch $@
 
 $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python

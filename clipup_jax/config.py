@@ -106,7 +106,7 @@ class MoEPlan:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """A ViT image tower. Defaults are OpenAI/open_clip CLIP; the flags cover big_vision towers."""
+    """A ViT image tower. Defaults are OpenAI/open_clip CLIP; the flags cover big_vision and open_clip variants."""
 
     image_size: int = 224
     patch_size: int = 16
@@ -118,6 +118,8 @@ class VisionConfig:
     class_token: bool = True
     pos_embed_covers_cls: bool = True  # OpenAI: grid**2 + 1 rows; big_vision: the cls token gets none
     ln_pre: bool = True
+    # open_clip's final_ln_after_pool (CLIPA): with pool 'gap', ln_post normalises the mean, not each token.
+    ln_post_after_pool: bool = False
     patch_bias: bool = False
     proj_bias: bool = False
     moe: MoEPlan | None = None
@@ -142,8 +144,14 @@ class VisionConfig:
             raise ConfigError(f"vision.pool={self.pool!r}: expected 'tok' or 'gap'")
         if self.pool == "tok" and not self.class_token:
             raise ConfigError("vision.pool='tok' needs vision.class_token=True")
+        if self.ln_post_after_pool and self.pool != "gap":
+            raise ConfigError("vision.ln_post_after_pool=True needs vision.pool='gap' (one pooled token is the same "
+                              "normalised before or after)")
         if self.moe is not None:
             self.moe.validate(self.depth)
+
+
+TEXT_POOLS: tuple[str, ...] = ("argmax", "eos", "first", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +165,10 @@ class TextConfig:
     heads: int = 8
     mlp_dim: int = 2048
     causal: bool = True
-    pool: Literal["argmax", "last"] = "argmax"  # argmax(token_ids) is the EOT token for the CLIP BPE
+    # argmax(token_ids) is the EOT token for the CLIP BPE; 'eos' is the first `eos_id` (other tokenizers' end
+    # token, open_clip's -worldwide models), position 0 in a row without one; 'first'/'last' are positions.
+    pool: Literal["argmax", "eos", "first", "last"] = "argmax"
+    eos_id: int | None = None  # with pool 'eos' only
     proj_bias: bool = False
     moe: MoEPlan | None = None
 
@@ -165,8 +176,13 @@ class TextConfig:
         _check_positive(self, "text", ("vocab_size", "context_length", "width", "depth", "heads", "mlp_dim"))
         if self.width % self.heads:
             raise ConfigError(f"text.width={self.width} is not divisible by text.heads={self.heads}")
-        if self.pool not in ("argmax", "last"):
-            raise ConfigError(f"text.pool={self.pool!r}: expected 'argmax' or 'last'")
+        if self.pool not in TEXT_POOLS:
+            raise ConfigError(f"text.pool={self.pool!r}: expected one of {', '.join(map(repr, TEXT_POOLS))}")
+        if (self.pool == "eos") != (self.eos_id is not None):
+            raise ConfigError(f"text.eos_id={self.eos_id!r} with text.pool={self.pool!r}: an eos_id is given "
+                              "exactly when pooling at it ('eos')")
+        if self.eos_id is not None and not 0 <= self.eos_id < self.vocab_size:
+            raise ConfigError(f"text.eos_id={self.eos_id} is outside the vocabulary (0..{self.vocab_size - 1})")
         if self.moe is not None:
             self.moe.validate(self.depth)
             if self.causal and self.moe.router == "expert_choice":

@@ -1,10 +1,14 @@
-"""Dense clipup checkpoints back to Hugging Face `transformers` CLIPModel directories.
+"""Dense clipup checkpoints back to Hugging Face `transformers` CLIPModel or open_clip hub directories.
 
-The inverse of the HF importer: canonical params -> OpenAI tensor layout -> HF names (q/k/v split out of the
-fused projection, linear weights as (out, in)), written as `config.json` + `model.safetensors` (+ `vocab.json` /
-`merges.txt` when the checkpoint's tokenizer is in that form), so `CLIPModel.from_pretrained` computes the same
-features. A model the HF CLIP architecture cannot express (MoE towers, big_vision's pooling or biases, a logit
-bias) is refused naming the field. The output directory is written whole or not at all (`atomic_directory`).
+Both go through the importers' own OpenAI-layout mapping, inverted (`openai.to_state_dict`): open_clip's hub
+layout is that state dict as `open_clip_model.safetensors` beside an `open_clip_config.json`; Hugging Face's is
+the same tensors renamed (`hf.from_openai_layout`: q/k/v split out of the fused projection) beside a `config.json`.
+Either loads with the same features. The checkpoint's tokenizer files (a CLIP BPE: `vocab.json` + `merges.txt`, or
+a merges file) are copied beside the weights when it has them: `CLIPTokenizer` reads the former; open_clip's
+loader reads neither (without `hf_tokenizer_name` it uses its bundled CLIP BPE, the one OpenAI's models use).
+A model the target cannot express (MoE towers, big_vision's cls-less pooling or biases, ...) is refused naming the
+field; LayerScale was folded into the weights at import, so such a model exports without it, computing the same.
+The output directory is written whole or not at all (`atomic_directory`).
 """
 
 from __future__ import annotations
@@ -12,33 +16,60 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+from typing import Any, Callable
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from clipup_jax.checkpoints import hf, openai
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.format import Checkpoint, atomic_directory, check_output
-from clipup_jax.checkpoints.hf import TOKENIZER_FILES
-from clipup_jax.config import ModelConfig, TextConfig, VisionConfig
+from clipup_jax.config import ModelConfig
+from clipup_jax.data.image_ops import CLIP_MEAN, CLIP_STD
+from clipup_jax.data.tokenizer import source_files
 
+FORMATS = ("hf", "open_clip")
+_NAMES = {"hf": "Hugging Face's CLIPModel", "open_clip": "open_clip's CLIP"}
 _HF_ACTIVATION = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-# What HF's CLIP architecture fixes: ViT with class token, pre-LN, no patch/projection biases, argmax pooling.
-_FIXED = [("vision", f.name, f.default) for f in VisionConfig.__dataclass_fields__.values()
-          if f.name in ("pool", "class_token", "pos_embed_covers_cls", "ln_pre", "patch_bias", "proj_bias", "moe")]
-_FIXED += [("text", f.name, f.default) for f in TextConfig.__dataclass_fields__.values()
-           if f.name in ("causal", "pool", "proj_bias", "moe")]
+# (tower, field, the only value the format can express). HF's CLIP: ViT with class token, pre-LN, no patch or
+# projection biases, argmax pooling; open_clip's adds avg pooling (before or after ln_post), no ln_pre, any text
+# pooling, a bidirectional text tower and a text projection bias.
+_FIXED = {
+    "hf": [("vision", "pool", "tok"), ("vision", "class_token", True), ("vision", "pos_embed_covers_cls", True),
+           ("vision", "ln_pre", True), ("vision", "patch_bias", False), ("vision", "proj_bias", False),
+           ("text", "causal", True), ("text", "pool", "argmax"), ("text", "proj_bias", False),
+           ("model", "logit_bias", False)],
+    "open_clip": [("vision", "class_token", True), ("vision", "pos_embed_covers_cls", True),
+                  ("vision", "patch_bias", False), ("vision", "proj_bias", False)],
+}
 
 
-def check_exportable(cfg: ModelConfig, source: str) -> None:
-    for tower, name, default in _FIXED:
-        value = getattr(getattr(cfg, tower), name)
-        if value != default:
-            what = ("sparse (MoE) towers have no Hugging Face or open_clip format" if name == "moe"
-                    else f"Hugging Face's CLIP has no such variant (only {default!r})")
-            raise CheckpointError(f"{source}: {tower}.{name}={value!r}: {what}")
-    if cfg.logit_bias or cfg.shared_backbone:
-        raise CheckpointError(f"{source}: {'logit_bias' if cfg.logit_bias else 'shared_backbone'} is set: "
-                              "Hugging Face's CLIPModel has no such variant")
+def check_exportable(cfg: ModelConfig, source: str, to: str) -> None:
+    """Refuses, naming the field, a model that format `to` cannot express."""
+    for tower in ("vision", "text"):
+        plan = getattr(cfg, tower).moe
+        if plan is not None:
+            raise CheckpointError(f"{source}: {tower}.moe={plan.num_experts} experts top-{plan.top_k}: sparse (MoE) "
+                                  "towers have no Hugging Face or open_clip format; export a dense checkpoint")
+    if cfg.shared_backbone:
+        raise CheckpointError(f"{source}: shared_backbone=True: {_NAMES[to]} has separate towers")
+    for tower, name, only in _FIXED[to]:
+        value = getattr(cfg if tower == "model" else getattr(cfg, tower), name)
+        if value != only:
+            field = name if tower == "model" else f"{tower}.{name}"
+            raise CheckpointError(f"{source}: {field}={value!r}: {_NAMES[to]} has no such variant (only {only!r})")
+    if to == "open_clip":
+        for tower in (cfg.vision, cfg.text):
+            _mlp_ratio(tower.width, tower.mlp_dim, f"{source}: {'vision' if tower is cfg.vision else 'text'}")
+
+
+def _mlp_ratio(width: int, mlp_dim: int, where: str) -> float:
+    """open_clip sizes the MLP as int(width * mlp_ratio); the ratio that gives `mlp_dim` back."""
+    ratio = mlp_dim / width
+    if int(width * ratio) != mlp_dim:
+        raise CheckpointError(f"{where}.mlp_dim={mlp_dim}: open_clip's int(width * mlp_ratio) cannot give it for "
+                              f"width {width}")
+    return ratio
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -60,60 +91,75 @@ def hf_config(cfg: ModelConfig) -> dict:
     }
 
 
-def hf_tensors(cfg: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = {
-        "vision_model.embeddings.patch_embedding.weight": params["visual/patch_kernel"].transpose(3, 2, 0, 1),
-        "vision_model.embeddings.class_embedding": params["visual/class_embedding"],
-        "vision_model.embeddings.position_embedding.weight": params["visual/pos_embed"],
-        "vision_model.pre_layrnorm.weight": params["visual/ln_pre/scale"],
-        "vision_model.pre_layrnorm.bias": params["visual/ln_pre/bias"],
-        "vision_model.post_layernorm.weight": params["visual/ln_post/scale"],
-        "vision_model.post_layernorm.bias": params["visual/ln_post/bias"],
-        "visual_projection.weight": params["visual/proj/kernel"].T,
-        "text_model.embeddings.token_embedding.weight": params["text/token_embed"],
-        "text_model.embeddings.position_embedding.weight": params["text/pos_embed"],
-        "text_model.final_layer_norm.weight": params["text/ln_final/scale"],
-        "text_model.final_layer_norm.bias": params["text/ln_final/bias"],
-        "text_projection.weight": params["text/proj/kernel"].T,
-        "logit_scale": np.asarray(params["logit_scale"]).reshape(()),
-    }
-    for tower, prefix, depth in (("visual", "vision_model", cfg.vision.depth), ("text", "text_model", cfg.text.depth)):
-        for i in range(depth):
-            src, dst = f"{tower}/encoder/blocks/{i}", f"{prefix}.encoder.layers.{i}"
-            qkv = params[f"{src}/attn/qkv_kernel"]  # (D, 3, heads, head_dim)
-            bias = params[f"{src}/attn/qkv_bias"]  # (3, heads, head_dim)
-            width = qkv.shape[0]
-            for j, name in enumerate("qkv"):
-                out[f"{dst}.self_attn.{name}_proj.weight"] = qkv[:, j].reshape(width, -1).T
-                out[f"{dst}.self_attn.{name}_proj.bias"] = bias[j].reshape(-1)
-            out[f"{dst}.self_attn.out_proj.weight"] = params[f"{src}/attn/out_kernel"].reshape(-1, width).T
-            out[f"{dst}.self_attn.out_proj.bias"] = params[f"{src}/attn/out_bias"]
-            for ln, hf in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2")):
-                out[f"{dst}.{hf}.weight"] = params[f"{src}/{ln}/scale"]
-                out[f"{dst}.{hf}.bias"] = params[f"{src}/{ln}/bias"]
-            out[f"{dst}.mlp.fc1.weight"] = params[f"{src}/mlp/fc1_kernel"].T
-            out[f"{dst}.mlp.fc1.bias"] = params[f"{src}/mlp/fc1_bias"]
-            out[f"{dst}.mlp.fc2.weight"] = params[f"{src}/mlp/fc2_kernel"].T
-            out[f"{dst}.mlp.fc2.bias"] = params[f"{src}/mlp/fc2_bias"]
-    return {k: np.array(v, np.float32, order="C") for k, v in out.items()}  # (ascontiguousarray makes 0-d 1-d)
+def open_clip_config(cfg: ModelConfig) -> dict[str, Any]:
+    """`open_clip_config.json` as open_clip's `push_to_hf_hub` writes it: `model_cfg` (a `CLIP(**model_cfg)`), and
+    `preprocess_cfg`: this project's CLIP preprocessing (OpenAI mean/std, bicubic, short side then centre crop)."""
+    v, t = cfg.vision, cfg.text
+    towers = {}
+    for name, tower, fields in (
+            ("vision_cfg", v, {"image_size": v.image_size, "patch_size": v.patch_size, "width": v.width,
+                               "layers": v.depth, "head_width": v.width // v.heads}),
+            ("text_cfg", t, {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
+                             "heads": t.heads, "layers": t.depth})):
+        fields["mlp_ratio"] = _mlp_ratio(tower.width, tower.mlp_dim, name)
+        if cfg.activation == "gelu_tanh":
+            fields["act_kwargs"] = {"approximate": "tanh"}
+        if cfg.ln_eps != 1e-5:
+            fields["norm_kwargs"] = {"eps": cfg.ln_eps}
+        towers[name] = fields
+    if not v.ln_pre:
+        towers["vision_cfg"]["no_ln_pre"] = True
+    if v.pool == "gap":
+        towers["vision_cfg"]["pool_type"] = "avg"
+        towers["vision_cfg"]["final_ln_after_pool"] = v.ln_post_after_pool
+    if not t.causal:
+        towers["text_cfg"]["no_causal_mask"] = True
+    if t.pool != "argmax":
+        towers["text_cfg"]["pool_type"] = t.pool
+    if t.eos_id is not None:
+        towers["text_cfg"]["eos_id"] = t.eos_id
+    if t.proj_bias:
+        towers["text_cfg"]["proj_bias"] = True
+    model_cfg: dict[str, Any] = {"embed_dim": cfg.embed_dim, **towers}
+    if cfg.activation == "quick_gelu":
+        model_cfg["quick_gelu"] = True
+    if cfg.logit_bias:
+        model_cfg["init_logit_bias"] = -10.0  # makes the parameter; its value comes from the weights
+    return {"model_cfg": model_cfg,
+            "preprocess_cfg": {"mean": CLIP_MEAN.tolist(), "std": CLIP_STD.tolist(), "interpolation": "bicubic",
+                               "resize_mode": "shortest"}}
 
 
-def export_hf(ckpt: Checkpoint, out: str | pathlib.Path, force: bool = False) -> list[str]:
-    """Writes `ckpt` as a Hugging Face CLIPModel directory at `out`; returns the files written."""
+def export(ckpt: Checkpoint, out: str | pathlib.Path, to: str, force: bool = False) -> list[str]:
+    """Writes `ckpt` at `out` in format `to` (one of `FORMATS`); returns the names of the files written."""
+    if to not in FORMATS:
+        raise CheckpointError(f"unknown export format {to!r}; expected one of {', '.join(FORMATS)}")
     out = pathlib.Path(out)
-    check_exportable(ckpt.config, str(ckpt.path))
+    check_exportable(ckpt.config, str(ckpt.path), to)
     check_output(out, force)  # before the tensors are converted
-    tensors = hf_tensors(ckpt.config, ckpt.params)
+    tensors = openai.to_state_dict(ckpt.config, ckpt.params)
+    writers: dict[str, Callable[[pathlib.Path], None]]
+    if to == "hf":
+        writers = {"config.json": _json(hf_config(ckpt.config)),
+                   "model.safetensors": _safetensors(hf.from_openai_layout(tensors))}
+    else:
+        writers = {openai.OPEN_CLIP_CONFIG: _json(open_clip_config(ckpt.config)),
+                   "open_clip_model.safetensors": _safetensors(tensors)}
     tokenizer = ckpt.tokenizer_path
-    tokenizer_files = [tokenizer / name for name in TOKENIZER_FILES] if tokenizer is not None and tokenizer.is_dir() \
-        else []
-    tokenizer_files = [f for f in tokenizer_files if f.is_file()]
+    for f in source_files(tokenizer) if tokenizer is not None else []:
+        writers[f.name] = lambda path, f=f: shutil.copyfile(f, path)
 
     def write(directory: pathlib.Path) -> None:
-        (directory / "config.json").write_text(json.dumps(hf_config(ckpt.config), indent=2) + "\n")
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        for f in tokenizer_files:
-            shutil.copyfile(f, directory / f.name)
+        for name, writer in writers.items():
+            writer(directory / name)
 
     atomic_directory(out, force, write)
-    return ["config.json", "model.safetensors", *(f.name for f in tokenizer_files)]
+    return list(writers)
+
+
+def _json(data: dict) -> Callable[[pathlib.Path], None]:
+    return lambda path: path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _safetensors(tensors: dict[str, np.ndarray]) -> Callable[[pathlib.Path], None]:
+    return lambda path: save_file(tensors, str(path), metadata={"format": "pt"})  # as torch's writer tags it

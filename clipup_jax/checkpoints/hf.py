@@ -2,6 +2,7 @@
 
 The architecture comes from config.json; weights are renamed into the OpenAI
 layout (q/k/v stacked into `in_proj_weight`) and converted by the OpenAI mapping.
+Export renames back (`from_openai_layout`), with the same tables.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt")
 # int64 buffers that older transformers versions saved; not weights.
 _BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 _LAYER = re.compile(r"^(text_model|vision_model)\.encoder\.layers\.(\d+)\.(.+)$")
+_OPENAI_LAYER = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
 _LAYER_RENAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
                   "self_attn.out_proj": "attn.out_proj"}
 _RENAMES = {
@@ -40,6 +42,7 @@ _RENAMES = {
     "text_model.final_layer_norm.bias": "ln_final.bias",
     "logit_scale": "logit_scale",
 }
+_TRANSPOSED = {"visual_projection.weight": "visual.proj", "text_projection.weight": "text_projection"}
 
 
 def read_hf_config(directory: pathlib.Path) -> ModelConfig:
@@ -124,10 +127,8 @@ def to_openai_layout(tensors: dict[str, np.ndarray], source: str) -> dict[str, n
     for key, value in tensors.items():
         if key in _RENAMES:
             out[_RENAMES[key]] = value
-        elif key == "visual_projection.weight":
-            out["visual.proj"] = value.T
-        elif key == "text_projection.weight":
-            out["text_projection"] = value.T
+        elif key in _TRANSPOSED:
+            out[_TRANSPOSED[key]] = value.T
         elif m := _LAYER.match(key):
             tower, index, rest = m.groups()
             prefix = ("visual.transformer" if tower == "vision_model" else "transformer") + f".resblocks.{index}"
@@ -148,4 +149,31 @@ def to_openai_layout(tensors: dict[str, np.ndarray], source: str) -> dict[str, n
         if set(parts) != {"q", "k", "v"}:
             raise CheckpointError(f"{source}: {prefix} has only {sorted(parts)} of q/k/v_proj.{kind}")
         out[f"{prefix}.attn.in_proj_{kind}"] = np.concatenate([parts["q"], parts["k"], parts["v"]], axis=0)
+    return out
+
+
+def from_openai_layout(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of `to_openai_layout` (export): OpenAI keys -> HF names, q/k/v split out of `in_proj_*`."""
+    names = {v: k for k, v in _RENAMES.items()}
+    transposed = {v: k for k, v in _TRANSPOSED.items()}
+    out: dict[str, np.ndarray] = {}
+    for key, value in tensors.items():
+        if key in names:
+            out[names[key]] = value
+        elif key in transposed:
+            out[transposed[key]] = np.ascontiguousarray(value.T)
+        elif m := _OPENAI_LAYER.match(key):
+            visual, index, rest = m.groups()
+            prefix = f"{'vision_model' if visual else 'text_model'}.encoder.layers.{index}"
+            if q := re.fullmatch(r"attn\.in_proj_(weight|bias)", rest):
+                for name, part in zip("qkv", np.split(value, 3)):
+                    out[f"{prefix}.self_attn.{name}_proj.{q.group(1)}"] = np.ascontiguousarray(part)
+                continue
+            for hf_name, openai_name in _LAYER_RENAMES.items():
+                if rest.startswith(openai_name + "."):
+                    rest = hf_name + rest[len(openai_name):]
+                    break
+            out[f"{prefix}.{rest}"] = value
+        else:
+            raise ValueError(f"{key!r} has no Hugging Face CLIP name")
     return out

@@ -36,32 +36,35 @@ class Imported:
 
 def _from_openai(src: pathlib.Path, opts: ImportOptions) -> Imported:
     # OpenAI's released models are all QuickGELU with LayerNorm eps 1e-5.
-    return _openai_layout(src, opts, opts.activation or "quick_gelu", opts.ln_eps or 1e-5, {})
+    return _openai_layout(src, opts, opts.activation or "quick_gelu", opts.ln_eps or 1e-5, None)
 
 
 def _from_open_clip(src: pathlib.Path, opts: ImportOptions) -> Imported:
     config_file = src.parent / openai.OPEN_CLIP_CONFIG
-    found = openai.read_open_clip_config(config_file) if config_file.is_file() else {}
-    activation = opts.activation or found.get("activation")
+    arch = openai.read_open_clip_config(config_file) if config_file.is_file() else None
+    activation = opts.activation or (arch.activation if arch else None)
     if activation is None:
         raise CheckpointError(
             f"{src}: no {openai.OPEN_CLIP_CONFIG} beside it says which activation the weights need; "
             "pass --activation (quick_gelu for OpenAI/-quickgelu weights, gelu for LAION)"
         )
-    heads = {k: found[k] for k in ("vision_heads", "text_heads") if k in found}
-    return _openai_layout(src, opts, activation, opts.ln_eps or 1e-5, heads)
+    return _openai_layout(src, opts, activation, opts.ln_eps or (arch.ln_eps if arch else 1e-5), arch)
 
 
 def _openai_layout(src: pathlib.Path, opts: ImportOptions, activation: str, ln_eps: float,
-                   heads: dict[str, int]) -> Imported:
+                   arch: openai.OpenClipArch | None) -> Imported:
     tensors = read_tensors(src)
-    cfg = openai.infer_config(tensors, str(src), activation, ln_eps, **heads)
+    vision, text = (arch.vision, arch.text) if arch else (None, None)
+    cfg = openai.infer_config(tensors, str(src), activation, ln_eps, vision, text)
     notes = []
     if opts.model is not None:
         cfg = openai.check_against_preset(cfg, opts.model, str(src))
-    elif not heads:
+    elif arch is None:
         notes.append(f"head counts from OpenAI's width/64 rule: vision {cfg.vision.heads}, text {cfg.text.heads} "
                      "(pass --model PRESET if the file differs)")
+    if arch is not None and arch.hf_tokenizer:
+        notes.append(f"the text tower reads ids of the Hugging Face tokenizer {arch.hf_tokenizer!r}, which this "
+                     "project's CLIP BPE tokenizer does not produce: give it ids from that tokenizer")
     return Imported(cfg, openai.convert_state_dict(tensors, cfg, str(src)), opts.tokenizer, tuple(notes))
 
 

@@ -23,6 +23,7 @@ from clipup_jax.checkpoints.params import model_from_params
 from clipup_jax.config import TOWERS, ModelConfig
 from clipup_jax.models.encoder import MlpInput
 from clipup_jax.models.param_tree import flat_name
+from clipup_jax.models.towers import text_pool_index
 
 KMEANS_ITERATIONS = 50  # Lloyd iterations at most; it stops when no assignment changes
 
@@ -47,8 +48,8 @@ def mlp_inputs(cfg: ModelConfig, params: Mapping[str, np.ndarray], calibration: 
 
     image, text = run(state, calibration.pixels, calibration.tokens)
     length = calibration.tokens.shape[1]
-    if cfg.text.pool == "argmax":  # pooled at the end-of-text id, the largest: later positions are padding
-        keep = np.arange(length)[None, :] <= np.argmax(calibration.tokens, axis=1)[:, None]
+    if cfg.text.pool in ("argmax", "eos"):  # pooled at the end-of-text token: later positions are padding
+        keep = np.arange(length)[None, :] <= np.asarray(text_pool_index(cfg.text, calibration.tokens))[:, None]
     else:
         keep = np.ones(calibration.tokens.shape, bool)
     out: dict[str, list[np.ndarray]] = {}

@@ -39,9 +39,10 @@ def describe(ckpt: Checkpoint) -> str:
         f"checkpoint   {ckpt.path}",
         f"kind         {ckpt.metadata['kind']} (from {source.get('format', '?')}: {source.get('path', '?')})",
         f"image tower  {v.image_size}px patch {v.patch_size}, width {v.width}, depth {v.depth}, heads {v.heads}, "
-        f"mlp {v.mlp_dim}, pool {v.pool}",
+        f"mlp {v.mlp_dim}, pool {v.pool}{' (ln_post after pooling)' if v.ln_post_after_pool else ''}",
         f"text tower   vocab {t.vocab_size}, context {t.context_length}, width {t.width}, depth {t.depth}, "
-        f"heads {t.heads}, mlp {t.mlp_dim}, {'causal' if t.causal else 'bidirectional'}, pool {t.pool}",
+        f"heads {t.heads}, mlp {t.mlp_dim}, {'causal' if t.causal else 'bidirectional'}, pool {t.pool}"
+        f"{f' (id {t.eos_id})' if t.eos_id is not None else ''}",
         f"embed dim    {cfg.embed_dim}; activation {cfg.activation}; ln_eps {cfg.ln_eps:g}",
     ]
     if not cfg.is_sparse:

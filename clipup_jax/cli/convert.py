@@ -1,5 +1,5 @@
 """clipup-convert: import dense CLIPs from other ecosystems, upcycle them to sparse MoE CLIPs, inspect checkpoints,
-export dense ones back to Hugging Face."""
+export dense ones back to Hugging Face or open_clip."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from typing import Any, Mapping
 
 from clipup_jax.checkpoints import format as ckpt_format
-from clipup_jax.checkpoints.export import export_hf
+from clipup_jax.checkpoints.export import FORMATS, export
 from clipup_jax.checkpoints.importing import SOURCES, ImportOptions, import_checkpoint
 from clipup_jax.models.param_tree import count_params
 from clipup_jax.checkpoints.summary import active_params, describe
@@ -44,9 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--activation", choices=ACTIVATIONS, help="MLP activation when the source cannot say")
     imp.add_argument("--ln-eps", type=float, help="LayerNorm epsilon when the source cannot say")
     imp.add_argument("--force", action="store_true", help="replace an existing --out")
-    exp = sub.add_parser("export", help="write a dense checkpoint as a Hugging Face CLIPModel directory")
+    exp = sub.add_parser("export", help="write a dense checkpoint as a Hugging Face or open_clip model directory")
     exp.add_argument("checkpoint", type=pathlib.Path, help="a clipup checkpoint dir or training workdir")
-    exp.add_argument("--to", choices=["hf"], required=True, help="the format: hf (transformers CLIPModel)")
+    exp.add_argument("--to", choices=FORMATS, required=True,
+                     help="the format: hf (transformers CLIPModel) or open_clip (its hub layout)")
     exp.add_argument("--out", type=pathlib.Path, required=True)
     exp.add_argument("--force", action="store_true", help="replace an existing --out")
     ins = sub.add_parser("inspect", help="print a checkpoint's config, parameter counts and FLOPs")
@@ -102,8 +103,10 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    files = export_hf(ckpt_format.load_checkpoint(args.checkpoint, opt_state=False), args.out, force=args.force)
-    print(f"wrote {args.out} ({', '.join(files)}): load it with transformers.CLIPModel.from_pretrained")
+    files = export(ckpt_format.load_checkpoint(args.checkpoint, opt_state=False), args.out, args.to,
+                   force=args.force)
+    how = {"hf": "transformers.CLIPModel.from_pretrained(DIR)", "open_clip": "open_clip.create_model('local-dir:DIR')"}
+    print(f"wrote {args.out} ({', '.join(files)}): load it with {how[args.to]}")
 
 
 def _inspect(args: argparse.Namespace) -> None:

@@ -61,11 +61,23 @@ class VisionTower(nnx.Module):
         x = self.encoder(x, causal=False)
         if cfg.pool == "tok":  # LayerNorm is per token: normalising only the pooled one is exact
             return self.proj(self.ln_post(x[:, 0]))
+        if cfg.ln_post_after_pool:
+            return self.proj(self.ln_post(x[:, int(cfg.class_token):].mean(axis=1)))
         return self.proj(self.ln_post(x)[:, int(cfg.class_token):].mean(axis=1))
 
 
+def text_pool_index(cfg: TextConfig, tokens: jax.Array) -> jax.Array:
+    """(B,) the position each caption's features are read from, as `cfg.pool` says (open_clip's
+    `text_global_pool`): the largest id (CLIP's EOT), the first `eos_id` (0 where a row has none), or an end."""
+    if cfg.pool == "argmax":
+        return jnp.argmax(tokens, axis=-1)
+    if cfg.pool == "eos":
+        return jnp.argmax(tokens == cfg.eos_id, axis=-1)
+    return jnp.full(tokens.shape[:1], 0 if cfg.pool == "first" else tokens.shape[1] - 1)
+
+
 class TextTower(nnx.Module):
-    """Token + position embedding, causal blocks, ln_final, pool at EOT (argmax id), project."""
+    """Token + position embedding, causal blocks, ln_final, pool (at EOT by default, `text_pool_index`), project."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int, activation: Activation, ln_eps: float, rngs: nnx.Rngs,
                  dtype: jnp.dtype = jnp.float32, encoder: Encoder | None = None, remat: str = "none",
@@ -92,8 +104,5 @@ class TextTower(nnx.Module):
         x = x + self.pos_embed[...][:length].astype(self.dtype)
         x = self.encoder(x, causal=cfg.causal)
         # LayerNorm is per token, so pooling before ln_final is exact and B x fewer rows to normalise.
-        if cfg.pool == "argmax":
-            pooled = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
-        else:
-            pooled = x[:, -1]
+        pooled = x[jnp.arange(x.shape[0]), text_pool_index(cfg, tokens)]
         return self.proj(self.ln_final(pooled))

@@ -71,7 +71,7 @@ def test_a_model_made_here_loads_in_transformers_with_the_same_features(activati
 @pytest.mark.parametrize("change, match", [
     (lambda c: c.with_moe(MoEPlan(num_experts=2, top_k=1), ("vision",)), "vision.moe=.*no Hugging Face or open_clip"),
     (lambda c: c.replace(vision=dataclasses.replace(c.vision, pool="gap", class_token=False)), "vision.pool='gap'"),
-    (lambda c: c.replace(logit_bias=True), "logit_bias is set"),
+    (lambda c: c.replace(logit_bias=True), "logit_bias=True"),
 ])
 def test_what_hf_cannot_express_is_refused_and_nothing_written(change, match, tmp_path, capsys):
     cfg = change(preset("tiny"))
