@@ -22,6 +22,11 @@ before the first thread, so only the long-running entry points (clipup-train, cl
    is malloc contention between threads (`benchmarks/host_memory.py`); an explicit `MALLOC_ARENA_MAX`, or
    tcmalloc / jemalloc preloaded, is the user's choice and is left alone. `release_free_memory()` hands freed
    pages back after a save or an eval.
+4. **A failed save's threads outlive it** (orbax-checkpoint 0.12.8, tensorstore 0.1.86): with the store
+   unreachable, Orbax's save times out (`config.checkpoint_timeout_s`) and says so, but the writes it started
+   stay in flight in non-daemon executor threads (TensorStore retries a dead GCS endpoint for many minutes), and
+   Python's exit joins them: `clipup-train` hung after printing its error. `exit_abandoning_threads()` ends the
+   process without joining them; `clipup-train` calls it after a failed save, nothing else does.
 """
 
 from __future__ import annotations
@@ -139,3 +144,12 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+# --- 4. a failed save's threads ---------------------------------------------------------------------------------
+
+def exit_abandoning_threads(code: int) -> None:
+    """Ends the process now, with `code`, without joining its threads (after a failed save; see 4.)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -3,7 +3,9 @@ every client through the standard variables only: ``STORAGE_EMULATOR_HOST`` (gcs
 ``TENSORSTORE_GCS_HTTP_URL`` and ``GOOGLE_AUTH_TOKEN_FOR_TESTING`` (TensorStore, which Orbax writes arrays with).
 A user's own emulator works the same way.
 
-One server per test process (started on first use, stopped at exit); each test gets a bucket of its own.
+One server per test process (started on first use, stopped at exit); each test gets a bucket of its own. It keeps
+its objects in a directory (the wrapper's filesystem backend), so `kill()` and `restart()` make an outage that
+loses nothing: the restarted server answers on the same port with the same data.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import atexit
 import collections
 import json
 import os
+import subprocess
 import threading
 import urllib.request
 import uuid
@@ -29,13 +32,30 @@ def _start() -> str:
         os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # no bucket-layout probe: the emulator has no API
         _server = FakeGCSServer()  # 127.0.0.1, a free port; sets STORAGE_EMULATOR_HOST
         _server.start()
-        # The wrapper (0.1.1) pipes the server's request log to stderr and never reads it: after ~64 KiB of log
-        # (a few hundred requests) the server blocks on the write and stops answering. Drained here.
-        threading.Thread(target=collections.deque, args=(_server._process.stderr, 200), daemon=True).start()
+        _drain()
         atexit.register(_server.stop)
         os.environ["TENSORSTORE_GCS_HTTP_URL"] = _server.url
         os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "emulator"
     return _server.url
+
+
+def _drain() -> None:
+    # The wrapper (0.1.1) pipes the server's request log to stderr and never reads it: after ~64 KiB of log
+    # (a few hundred requests) the server blocks on the write and stops answering. Drained here.
+    threading.Thread(target=collections.deque, args=(_server._process.stderr, 200), daemon=True).start()
+
+
+def kill() -> None:
+    """The server dies (`kill -9`): every request is refused until `restart()`."""
+    _server._process.kill()
+    _server._process.wait()
+
+
+def restart() -> None:
+    """The server again, on the same port, over the same objects."""
+    _server._process = subprocess.Popen(_server._process.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _drain()
+    _server._wait_until_ready(timeout=30.0)
 
 
 def make_bucket() -> str:

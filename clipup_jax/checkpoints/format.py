@@ -6,9 +6,10 @@
       opt_state/         optional Orbax PyTree of Adam moments: {count, mu, nu}, mu/nu keyed like params/
       tokenizer/         the tokenizer files, when the source had them
 
-A checkpoint describes itself: `load_checkpoint(DIR)` needs no other input.
-Writes go to a sibling temporary directory that is renamed into place only when
-complete, so a crash or an error never leaves a half-written DIR.
+A checkpoint describes itself: `load_checkpoint(DIR)` needs no other input. DIR may be local or on an object
+store (gs://). Writes go to a sibling temporary directory made complete first, so a crash or an error never
+leaves a half-written DIR: locally it is then renamed into place; a store has no directory rename, so it is copied
+into place with `clipup.json` last, and a reader (which needs `clipup.json`) sees the whole checkpoint or none.
 
 Leaves may be `LazyStack`s: arrays made one leading-axis slice at a time (an
 upcycled expert stack). The writer streams them slice by slice into Orbax, so a
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import io
 import json
 import pathlib
 import shutil
@@ -35,7 +37,7 @@ import tensorstore as ts
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.train_workdir import is_train_workdir, read_train_params
 from clipup_jax.checkpoints.params import check_params
-from clipup_jax.storage import Path, PathLike, absolute, as_path
+from clipup_jax.storage import Path, PathLike, absolute, as_path, copy_tree, is_remote, remove_tree
 from clipup_jax.models.param_tree import abstract_params, flatten, nest
 from clipup_jax.config import ConfigError, ModelConfig
 
@@ -138,22 +140,26 @@ def tokenizer_path(directory: Path, metadata: Mapping[str, Any]) -> Path | None:
     return None if rel is None else _inside(directory, rel)
 
 
-def check_output(out: pathlib.Path, force: bool) -> None:
+def check_output(out: PathLike, force: bool) -> None:
     """Refuses an output that exists (unless `force`) or lies below a file, before any expensive work (missing
-    parent directories are made by `atomic_directory`)."""
-    out = pathlib.Path(out)
+    parent directories are made by `atomic_directory`; a store has none)."""
+    out = as_path(out)
     if out.exists() and not force:
         raise CheckpointError(f"{out}: already exists (pass --force to replace it)")
-    existing = next(p for p in out.absolute().parents if p.exists())
+    if is_remote(out):
+        return
+    existing = next(p for p in pathlib.Path(out).absolute().parents if p.exists())
     if not existing.is_dir():
         raise CheckpointError(f"{existing}: is not a directory, so {out} cannot be made below it")
 
 
-def atomic_directory(out: pathlib.Path, force: bool, fill: Callable[[pathlib.Path], None]) -> None:
+def atomic_directory(out: PathLike, force: bool, fill: Callable[[Path], None]) -> None:
     """Runs `fill(tmp)` and renames `tmp` to `out`, making `out`'s missing parent directories; on any error
-    nothing is left behind (the parents it made included)."""
-    out = pathlib.Path(out)
+    nothing is left behind (the parents it made included). On an object store see `_publish`."""
     check_output(out, force)
+    if is_remote(out):
+        return _publish(as_path(out), fill)
+    out = pathlib.Path(out)
     tag = uuid.uuid4().hex[:8]
     tmp = out.parent / f".{out.name}.tmp-{tag}"
     made = [p for p in reversed(out.absolute().parents) if not p.exists()]  # outermost first
@@ -177,6 +183,26 @@ def atomic_directory(out: pathlib.Path, force: bool, fill: Callable[[pathlib.Pat
         raise
 
 
+def _publish(out: Path, fill: Callable[[Path], None]) -> None:
+    """`atomic_directory` on an object store, which cannot rename a directory: `fill` writes a temporary sibling
+    prefix, which is then copied to `out` with `clipup.json` last (a replaced `out` loses its `clipup.json`
+    first). A reader needs `clipup.json`, so it never takes a partial `out` for a checkpoint; a failure removes
+    the temporary prefix and any partial `out`."""
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        fill(tmp)
+        if out.exists():
+            (out / METADATA_FILE).unlink(missing_ok=True)  # from here on `out` is no checkpoint until it is whole
+            remove_tree(out)
+        try:
+            copy_tree(tmp, out, last=(METADATA_FILE,))
+        except BaseException:
+            remove_tree(out)
+            raise
+    finally:
+        remove_tree(tmp)
+
+
 def _remove(tmp: pathlib.Path, attempts: int = 50) -> None:
     """Deletes a failed write's directory; retries while a writer thread of the failed save still finishes."""
     for _ in range(attempts):
@@ -189,9 +215,15 @@ def _remove(tmp: pathlib.Path, attempts: int = 50) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_file(out: pathlib.Path, write: Callable[[Any], None]) -> None:
+def atomic_file(out: PathLike, write: Callable[[Any], None]) -> None:
     """Writes a single file through a temporary sibling, so readers never see a partial file; missing parent
-    directories are made, as for checkpoints."""
+    directories are made, as for checkpoints. On an object store the file is written to memory and uploaded in
+    one request: an object appears whole or not at all (a streamed upload would commit a failed write's part)."""
+    if is_remote(out):
+        buffer = io.BytesIO()
+        write(buffer)
+        as_path(out).write_bytes(buffer.getvalue())
+        return
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -203,16 +235,16 @@ def atomic_file(out: pathlib.Path, write: Callable[[Any], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(out: str | pathlib.Path, config: ModelConfig, params: Mapping[str, np.ndarray | LazyStack], *,
-                    source: Mapping[str, Any], tokenizer_files: Iterable[pathlib.Path] | None = None,
+def save_checkpoint(out: PathLike, config: ModelConfig, params: Mapping[str, np.ndarray | LazyStack], *,
+                    source: Mapping[str, Any], tokenizer_files: Iterable[PathLike] | None = None,
                     tokenizer_entry: str | None = None, opt_state: AdamMoments | None = None,
-                    force: bool = False) -> pathlib.Path:
+                    force: bool = False) -> Path:
     """Writes a checkpoint atomically, streaming `LazyStack` leaves slice by slice.
 
     `tokenizer_files` are copied into `tokenizer/`; `tokenizer_entry` is the file
     among them (or None for the directory itself) that a Tokenizer loads from.
     """
-    out = pathlib.Path(out)
+    out = as_path(out)
     config.validate()
     where = str(source.get("path", out))
     check_params(params, config, where)
@@ -220,17 +252,17 @@ def save_checkpoint(out: str | pathlib.Path, config: ModelConfig, params: Mappin
         check_params(opt_state.mu, config, f"{where} (Adam mu)")
         check_params(opt_state.nu, config, f"{where} (Adam nu)")
 
-    def fill(tmp: pathlib.Path) -> None:
-        _write_tree(tmp.resolve() / PARAMS_DIR, {k: _leaf(v) for k, v in params.items()})
+    def fill(tmp: Path) -> None:
+        _write_tree(absolute(tmp) / PARAMS_DIR, {k: _leaf(v) for k, v in params.items()})
         if opt_state is not None:
-            _write_tree(tmp.resolve() / OPT_STATE_DIR, {"count": np.asarray(opt_state.count, np.int32),
+            _write_tree(absolute(tmp) / OPT_STATE_DIR, {"count": np.asarray(opt_state.count, np.int32),
                                                           **{f"mu/{k}": _leaf(v) for k, v in opt_state.mu.items()},
                                                           **{f"nu/{k}": _leaf(v) for k, v in opt_state.nu.items()}})
         tokenizer_rel = None
         if tokenizer_files:
-            (tmp / TOKENIZER_DIR).mkdir()
-            for f in tokenizer_files:
-                shutil.copy2(f, tmp / TOKENIZER_DIR / pathlib.Path(f).name)
+            (tmp / TOKENIZER_DIR).mkdir(parents=True)
+            for f in map(as_path, tokenizer_files):  # bytes, not a copy: the two may be on different stores
+                (tmp / TOKENIZER_DIR / f.name).write_bytes(f.read_bytes())
             tokenizer_rel = TOKENIZER_DIR if tokenizer_entry is None else f"{TOKENIZER_DIR}/{tokenizer_entry}"
         metadata = metadata_dict(config, source, tokenizer_rel, None if opt_state is None else "adam")
         write_metadata(tmp, metadata)

@@ -14,6 +14,7 @@ from clipup_jax.checkpoints.format import check_tokenizer_fits, save_checkpoint
 from clipup_jax.checkpoints.tensor_files import read_tensors
 from clipup_jax.config import ConfigError, ModelConfig
 from clipup_jax.data import tokenizer as tokenizer_lib
+from clipup_jax.storage import Path, PathLike, absolute, as_path, local_copy
 
 SOURCES = ("openai", "open_clip", "hf", "big_vision")
 
@@ -99,18 +100,29 @@ IMPORTERS: dict[str, Callable[[pathlib.Path, ImportOptions], Imported]] = {
 }
 
 
-def import_checkpoint(source: str, src: str | pathlib.Path, out: str | pathlib.Path, opts: ImportOptions,
+def import_checkpoint(source: str, src: PathLike, out: PathLike, opts: ImportOptions,
                       force: bool = False) -> Imported:
-    """Reads `src` in the `source` layout and writes a self-describing checkpoint at `out`."""
+    """Reads `src` in the `source` layout and writes a self-describing checkpoint at `out` (either may be on
+    gs://: the readers of weight files need local files, so a source in a store is downloaded first)."""
     if source not in IMPORTERS:
         raise CheckpointError(f"unknown source format {source!r}; expected one of {', '.join(SOURCES)}")
-    src, out = pathlib.Path(src), pathlib.Path(out)
+    src, out = as_path(src), as_path(out)
     if out.exists() and not force:  # fail before reading a multi-GB file
         raise CheckpointError(f"{out}: already exists (pass --force to replace it)")
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or directory")
+    with local_copy(src, siblings=(openai.OPEN_CLIP_CONFIG,)) as local:
+        try:
+            return _import(source, src, pathlib.Path(local), out, opts, force)
+        except CheckpointError as e:  # name the user's path, not the download's
+            if local == src:
+                raise
+            raise CheckpointError(str(e).replace(str(local), str(src))) from e
+
+
+def _import(source: str, src: Path, local: pathlib.Path, out: Path, opts: ImportOptions, force: bool) -> Imported:
     try:
-        imported = IMPORTERS[source](src, opts)
+        imported = IMPORTERS[source](local, opts)
     except ConfigError as e:
         raise CheckpointError(f"{src}: {e}") from e
     tokenizer_files, entry = None, None
@@ -120,5 +132,5 @@ def import_checkpoint(source: str, src: str | pathlib.Path, out: str | pathlib.P
         tokenizer_files = tokenizer_lib.source_files(imported.tokenizer)
         entry = None if imported.tokenizer.is_dir() else imported.tokenizer.name
     save_checkpoint(out, imported.config, imported.params, force=force, tokenizer_files=tokenizer_files,
-                    tokenizer_entry=entry, source={"format": source, "path": str(src.resolve())})
+                    tokenizer_entry=entry, source={"format": source, "path": str(absolute(src))})
     return imported

@@ -43,6 +43,7 @@ from clipup_jax.checkpoints.router_init import Calibration, cluster_routers
 from clipup_jax.models.layers import mlp_init_stds
 from clipup_jax.models.param_tree import abstract_params
 from clipup_jax.config import TOWERS, ConfigError, ModelConfig, MoEPlan
+from clipup_jax.storage import PathLike, absolute, as_path
 
 TILED = ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias")
 _MLP_KEY = re.compile(r"^(?P<block>(?P<prefix>visual|text)/encoder/blocks/\d+/mlp)/(?P<leaf>\w+)$")
@@ -184,16 +185,16 @@ def same_architecture(first: Mapping[str, np.ndarray], other: Mapping[str, np.nd
                                   f"{tuple(first[key].shape)}")
 
 
-def upcycle_checkpoint(src: str | pathlib.Path, out: str | pathlib.Path, opts: UpcycleOptions,
+def upcycle_checkpoint(src: PathLike, out: PathLike, opts: UpcycleOptions,
                        force: bool = False, *, calibration: Calibration | None = None,
-                       multiplet: Sequence[str | pathlib.Path] = ()) -> Upcycled:
+                       multiplet: Sequence[PathLike] = ()) -> Upcycled:
     """Reads the dense checkpoint `src` (and the `multiplet` ones whose MLPs become further experts), writes the
     sparse one at `out` (streamed, atomic, tokenizer copied). Every check runs before any weight is read."""
-    src, out = pathlib.Path(src), pathlib.Path(out)
+    src, out = as_path(src), as_path(out)  # local or gs://
     check_output(out, force)
     metadata, dense_config = read_metadata(src)
     sparse_config(dense_config, opts, str(src))  # refuse bad plans before reading any weights
-    multiplet = [pathlib.Path(p) for p in multiplet]
+    multiplet = [as_path(p) for p in multiplet]
     for i, path in enumerate(multiplet, 1):
         check_multiplet(dense_config, read_metadata(path)[1], f"{path}: multiplet checkpoint {i}")
     dense = load_checkpoint(src, opt_state=opts.optimizer_state and not multiplet)
@@ -208,10 +209,10 @@ def upcycle_checkpoint(src: str | pathlib.Path, out: str | pathlib.Path, opts: U
                  "drop_upcycling": opts.drop_upcycling, "seed": opts.seed, "router_init": opts.router_init,
                  "optimizer_state": up.opt_state is not None}
     if multiplet:
-        upcycling.update(multiplet=[str(p.resolve()) for p in multiplet], shared_from=opts.shared_from)
+        upcycling.update(multiplet=[str(absolute(p)) for p in multiplet], shared_from=opts.shared_from)
     save_checkpoint(out, up.config, up.params, force=force, tokenizer_files=tokenizer_files, tokenizer_entry=entry,
                     opt_state=up.opt_state, source={
-                        "format": "upcycled", "path": str(src.resolve()), "dense_source": metadata.get("source"),
+                        "format": "upcycled", "path": str(absolute(src)), "dense_source": metadata.get("source"),
                         "upcycling": upcycling})
     return up
 

@@ -21,6 +21,7 @@ from clipup_jax.config import ACTIVATIONS, PRESETS, ConfigError, MoEPlan
 from clipup_jax.data.pipeline import calibration_batch
 from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
+from clipup_jax.storage import as_path  # sources and outputs local or gs://
 from clipup_jax.train.configs import run_entry
 
 # Upcycling settings, by the name a --config file uses; each also has a flag (`_` -> `-`).
@@ -36,10 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="import a dense CLIP into a clipup checkpoint directory")
     imp.add_argument("--from", dest="source", required=True, choices=SOURCES, help="layout of SRC")
-    imp.add_argument("src", type=pathlib.Path, help="weights file (openai/open_clip/big_vision) or HF model directory")
-    imp.add_argument("--out", type=pathlib.Path, required=True, help="checkpoint directory to create")
+    imp.add_argument("src", type=as_path, help="weights file (openai/open_clip/big_vision) or HF model directory")
+    imp.add_argument("--out", type=as_path, required=True, help="checkpoint directory to create")
     imp.add_argument("--model", choices=sorted(PRESETS), help="preset whose sizes the file must match (gives head counts)")
-    imp.add_argument("--tokenizer", type=pathlib.Path,
+    imp.add_argument("--tokenizer", type=as_path,
                      help="bpe_simple_vocab_16e6.txt.gz or an HF tokenizer directory, stored in the checkpoint")
     imp.add_argument("--activation", choices=ACTIVATIONS, help="MLP activation when the source cannot say")
     imp.add_argument("--ln-eps", type=float, help="LayerNorm epsilon when the source cannot say")
@@ -51,10 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=pathlib.Path, required=True)
     exp.add_argument("--force", action="store_true", help="replace an existing --out")
     ins = sub.add_parser("inspect", help="print a checkpoint's config, parameter counts and FLOPs")
-    ins.add_argument("checkpoint", type=pathlib.Path)
+    ins.add_argument("checkpoint", type=as_path)
     up = sub.add_parser("upcycle", help="turn a dense checkpoint into a sparse MoE one whose experts copy its MLPs")
-    up.add_argument("dense", type=pathlib.Path, metavar="DENSE_DIR")
-    up.add_argument("--out", type=pathlib.Path, required=True, metavar="SPARSE_DIR",
+    up.add_argument("dense", type=as_path, metavar="DENSE_DIR")
+    up.add_argument("--out", type=as_path, required=True, metavar="SPARSE_DIR",
                     help="checkpoint directory to create")
     up.add_argument("--config", type=pathlib.Path, metavar="FILE.py",
                     help="a file whose get_config() returns an ml_collections.ConfigDict of the settings below "

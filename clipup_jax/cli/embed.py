@@ -15,29 +15,31 @@ from clipup_jax.checkpoints.params import model_from_params
 from clipup_jax.cli.errors import Parser, run_cli
 from clipup_jax.data.image_ops import list_images, load_image
 from clipup_jax.evaluate.embedding import Embedder, chunks
+from clipup_jax.storage import Path, as_path  # every path local or gs:// (images: local files)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="clipup-embed", description=__doc__)
-    parser.add_argument("--checkpoint", type=pathlib.Path, required=True)
+    parser.add_argument("--checkpoint", type=as_path, required=True)
     images = parser.add_mutually_exclusive_group()
-    images.add_argument("--pixels", type=pathlib.Path, help="float32 (N, H, W, 3) normalised model input, .npy")
+    images.add_argument("--pixels", type=as_path, help="float32 (N, H, W, 3) normalised model input, .npy")
     images.add_argument("--images", type=pathlib.Path, nargs="+", help="image files and/or directories of images")
     texts = parser.add_mutually_exclusive_group()
-    texts.add_argument("--tokens", type=pathlib.Path, help="int32 (N, L) token ids, .npy")
-    texts.add_argument("--texts", type=pathlib.Path, help="text file, one caption per line")
-    parser.add_argument("--tokenizer", type=pathlib.Path,
+    texts.add_argument("--tokens", type=as_path, help="int32 (N, L) token ids, .npy")
+    texts.add_argument("--texts", type=as_path, help="text file, one caption per line")
+    parser.add_argument("--tokenizer", type=as_path,
                         help="for --texts: a tokenizer (bpe .txt.gz, or a dir with vocab.json + merges.txt) to use "
                              "instead of the checkpoint's, e.g. for one imported without any")
-    parser.add_argument("--out", type=pathlib.Path, required=True, help="output .npz")
+    parser.add_argument("--out", type=as_path, required=True, help="output .npz")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser
 
 
-def _load_npy(path: pathlib.Path, what: str, ndim: int) -> np.ndarray:
+def _load_npy(path: Path, what: str, ndim: int) -> np.ndarray:
     try:
-        array = np.load(path, allow_pickle=False)
+        with path.open("rb") as f:  # local or gs://
+            array = np.load(f, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read {what} as .npy ({e})") from e
     if array.ndim != ndim:
@@ -45,7 +47,7 @@ def _load_npy(path: pathlib.Path, what: str, ndim: int) -> np.ndarray:
     return array
 
 
-def _captions(path: pathlib.Path) -> list[str]:
+def _captions(path: Path) -> list[str]:
     """One caption per line; a blank line or a table row is a mistake, not a caption."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

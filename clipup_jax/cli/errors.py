@@ -9,14 +9,16 @@ from typing import Callable, NoReturn
 from clipup_jax import workarounds
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.config import ConfigError
+from clipup_jax.train.lease import WorkdirBusy
 
 # Errors whose message already names the file, key, shape or field at fault.
-USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, ValueError, TimeoutError)
+USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, ValueError, TimeoutError, WorkdirBusy)
 
 
-def run_cli(prog: str, body: Callable[[], int | None]) -> NoReturn:
+def run_cli(prog: str, body: Callable[[], int | None], abandon: tuple[type[Exception], ...] = ()) -> NoReturn:
     """Every CLI's body runs here: with the work-arounds applied and routine library logging quieted, and
-    its user errors turned into one line."""
+    its user errors turned into one line. After an error of an `abandon` type the process ends without joining
+    the threads still blocked on a failed store (`workarounds.exit_abandoning_threads`)."""
     workarounds.apply()
     _quiet_libraries()
     try:
@@ -24,6 +26,8 @@ def run_cli(prog: str, body: Callable[[], int | None]) -> NoReturn:
     except USER_ERRORS as e:
         print(f"{prog}: error: {e}".replace("\n", " "), file=sys.stderr)
         code = 2
+        if isinstance(e, abandon):
+            workarounds.exit_abandoning_threads(code)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = 130

@@ -21,6 +21,7 @@ import time
 from clipup_jax.checkpoints.train_workdir import SAVED_CONFIG
 from clipup_jax.cli.errors import Parser, run_cli
 from clipup_jax.data.image_ops import RESIZE_MODES
+from clipup_jax.storage import as_path  # --checkpoint, --tokenizer and --out local or gs://
 from clipup_jax.train.configs import load_config, split_overrides
 
 TASKS = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}  # CLI name -> CLIP_benchmark's
@@ -102,7 +103,7 @@ class _Progress:
 def main(argv: list[str] | None = None) -> None:
     overrides, argv = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = Parser(prog="clipup-eval", description=__doc__)
-    parser.add_argument("--checkpoint", type=pathlib.Path, required=True, help="checkpoint dir or training workdir")
+    parser.add_argument("--checkpoint", type=as_path, required=True, help="checkpoint dir or training workdir")
     parser.add_argument("--config", type=pathlib.Path,
                         help=f"experiment file (or saved {SAVED_CONFIG}) naming the eval data; default: the training "
                              f"workdir's own {SAVED_CONFIG}")
@@ -114,10 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resize-mode", choices=RESIZE_MODES,
                         help="with --dataset: how images become square: shortest side + centre crop (CLIP's, the "
                              "default), squash, or longest side + padding")
-    parser.add_argument("--tokenizer", type=pathlib.Path,
+    parser.add_argument("--tokenizer", type=as_path,
                         help="a tokenizer (bpe .txt.gz, or a dir with vocab.json + merges.txt) instead of the "
                              "checkpoint's, e.g. for one imported without any")
-    parser.add_argument("--out", type=pathlib.Path, help="write the metrics as JSON too")
+    parser.add_argument("--out", type=as_path, help="write the metrics as JSON too")
     args = parser.parse_args(argv)
     run_cli("clipup-eval", lambda: _evaluate(args, overrides))
 

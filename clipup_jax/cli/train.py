@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
             print(arenas, flush=True)
         run_experiment(config, args.workdir)
 
-    run_cli("clipup-train", body)
+    from clipup_jax.train.checkpointing import SaveFailed
+
+    run_cli("clipup-train", body, abandon=(SaveFailed,))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,30 @@ a kill mid-save leaves the previous step as the latest complete one.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 
+from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR, ITEMS, STATE_ITEM
 from clipup_jax.models.param_tree import path_shapes
 from clipup_jax.storage import Path, absolute
+
+class SaveFailed(CheckpointError):
+    """A checkpoint (or the metrics written with it) could not be written: the store failed or filled up."""
+
+
+def error_reason(e: BaseException) -> str:
+    """One line: what failed, "no space left on device" first when that is why (TensorStore says it late in a
+    long message)."""
+    reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+    no_space = getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+    return f"no space left on device; {reason}" if no_space else reason
+
 
 def _data_args():
     import grain
@@ -28,13 +43,19 @@ def _data_args():
 
 
 class TrainCheckpoints:
-    def __init__(self, workdir: Path, *, keep: int, every: int, async_save: bool = True):
+    def __init__(self, workdir: Path, *, keep: int, every: int, async_save: bool = True, timeout_s: int = 1200):
+        """`timeout_s`: a save not complete by then fails (`SaveFailed`), so an unreachable store is an error, not
+        a hang (TensorStore retries a dead GCS endpoint for many minutes)."""
         # Every `every` steps (and the last, forced): not Orbax's default extra save at a run's first step, a
         # full state write that no schedule asked for. Preemption notices (jax's multi-host sync) still save.
         policy = ocp.checkpoint_managers.AnySavePolicy([ocp.checkpoint_managers.FixedIntervalPolicy(every),
                                                         ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+        # cleanup_tmp_directories: a relaunch deletes what a failed or killed save left (its space, on a full disk)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_decision_policy=policy,
-                                               enable_async_checkpointing=async_save, create=True)
+                                               enable_async_checkpointing=async_save, create=True,
+                                               cleanup_tmp_directories=True,
+                                               async_options=ocp.AsyncOptions(timeout_secs=timeout_s))
+        self.timeout_s = timeout_s
         self.manager = ocp.CheckpointManager(absolute(workdir / CHECKPOINTS_DIR), options=options,
                                              item_names=ITEMS)
 
@@ -42,11 +63,27 @@ class TrainCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any | None, force: bool = False) -> bool:
+        """Starts saving `step` if the policy (or `force`) says so; raises SaveFailed when an earlier save failed
+        (Orbax reports a background save's failure at the next call)."""
         save_data, _ = _data_args()
         items = {"state": ocp.args.StandardSave(state)}
         if hasattr(data_iterator, "get_state"):
             items["data"] = save_data(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        with self._reporting():
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    @contextlib.contextmanager
+    def _reporting(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:
+            reason = error_reason(e)
+            if isinstance(e, TimeoutError):
+                reason = (f"not done within config.checkpoint_timeout_s={self.timeout_s}: is the store reachable? "
+                          f"{reason}")
+            raise SaveFailed(f"{self.manager.directory}: saving a checkpoint failed ({reason}); the step "
+                             "being saved is not complete, earlier ones are intact and a relaunch resumes from the "
+                             "latest") from e
 
     def restore(self, abstract_state: Any, data_iterator: Any | None) -> tuple[Any, int]:
         """Restores the newest readable step into `abstract_state`'s shardings (any mesh), and the iterator in
@@ -93,10 +130,12 @@ class TrainCheckpoints:
         raise ValueError(f"step {step} holds another model: {'; '.join(params[:4])}{more}")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._reporting():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with self._reporting():
+            self.manager.wait_until_finished()
         self.manager.close()
 
 

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from clipup_jax.config import TOWERS, ModelConfig, model_config
+from clipup_jax.storage import as_path
 
 PREFIX = "--config."
 
@@ -56,8 +57,9 @@ def run_entry(path: str | pathlib.Path, what: str, entry: str) -> tuple[types.Mo
 
 
 def load_config(path: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """An experiment file's `get_config()`, or a `.json` config as a training run saves it, with `overrides`."""
-    path = pathlib.Path(path)
+    """An experiment file's `get_config()`, or a `.json` config as a training run saves it (local or gs://, as
+    a workdir is), with `overrides`."""
+    path = as_path(path)
     if path.suffix == ".json":
         try:
             config = ml_collections.ConfigDict(json.loads(path.read_text()))

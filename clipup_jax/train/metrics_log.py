@@ -1,20 +1,25 @@
 """Where training metrics go: the console (with rate and ETA), TensorBoard event files, a JSONL file.
 
-Only process 0 writes. TensorBoard files are written with tensorboard's own
-event writer, which needs no TensorFlow.
+Only process 0 writes. TensorBoard events are framed by tensorboard's own record writer (no TensorFlow needed)
+into a `storage.PartLog`: its `EventFileWriter` appends through fsspec, which an object store cannot do.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import socket
 import sys
 import time
 from typing import Iterable, Mapping, TextIO
 
 import numpy as np
 
-from clipup_jax.storage import LineLog, Path, PathLike, as_path
+from clipup_jax.storage import LineLog, PartLog, Path, PathLike, as_path
+from clipup_jax.train.checkpointing import SaveFailed, error_reason
+
+_LOGS = itertools.count()  # event file names unique within a process (two logs opened in one second)
 
 
 class MetricsLog:
@@ -27,10 +32,15 @@ class MetricsLog:
         self._tb = None
         self._jsonl = None
         if enabled:
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+            from tensorboard.compat.proto import event_pb2
+            from tensorboard.summary.writer.record_writer import RecordWriter
 
             (workdir / "tb").mkdir(parents=True, exist_ok=True)
-            self._tb = EventFileWriter(os.fspath(workdir / "tb"))
+            stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_LOGS):03d}"
+            version = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()
+            self._events = PartLog(workdir / "tb", lambda part: f"{stem}.{part:06d}")
+            self._tb = RecordWriter(self._events)
+            self._tb.write(version)  # the first record of the local file, and of the first part on a store
             self._jsonl = LineLog(workdir / "metrics.jsonl")  # earlier runs' records precede this run's
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -39,8 +49,12 @@ class MetricsLog:
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
         values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
-        self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}))
+        try:
+            self._tb.write(event_pb2.Event(wall_time=time.time(), step=step,
+                                           summary=summary_pb2.Summary(value=values)).SerializeToString())
+            self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}))
+        except OSError as e:  # a full local disk
+            raise SaveFailed(f"{self._jsonl.path.parent}: writing the metrics logs failed ({error_reason(e)})") from e
 
     def progress(self, step: int, scalars: Mapping[str, float], examples_per_step: int) -> dict[str, float]:
         """Prints one progress line; returns the rate figures so they can be logged too."""
@@ -65,15 +79,23 @@ class MetricsLog:
         return _history(self._jsonl.this_run()) if self.enabled else {"train": [], "eval": []}
 
     def flush(self) -> None:
-        """Makes what is logged durable (on an object store, where lines are not appended one by one)."""
+        """Makes what is logged durable (on an object store, where lines are not appended one by one); raises
+        SaveFailed, naming the file, when the store fails."""
         if self.enabled:
-            self._tb.flush()
-            self._jsonl.flush()
+            try:
+                self._tb.flush()
+                self._jsonl.flush()
+            except Exception as e:
+                raise SaveFailed(f"{self._jsonl.path.parent}: writing the metrics logs failed "
+                                 f"({error_reason(e)})") from e
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
+        """Flushes and closes; `flush=False` when the store already failed (what is unwritten stays so)."""
         if self._tb is not None:
-            self._tb.close()
-            self._jsonl.close()
+            if flush:
+                self.flush()
+            self._events.close(flush=False)
+            self._jsonl.close(flush=False)
 
 
 def read_history(workdir: PathLike) -> dict[str, list[dict[str, float]]]:

@@ -75,6 +75,7 @@ def base_config(model: ModelConfig | str) -> ml_collections.ConfigDict:
     config.eval_batch_size = 256
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
+    config.checkpoint_timeout_s = 1200  # a save not done by then fails the run: an unreachable store is no hang
     config.peak_tflops_per_device = 0.0  # e.g. 989 (H100/H200 bf16 dense), 459 (TPU v5p); 0 = MFU not logged
     return config
 

@@ -20,6 +20,7 @@ from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
 from clipup_jax.evaluate.run import EvalData, eval_data, evaluate
 from clipup_jax.storage import Path, PathLike, as_path
+from clipup_jax.train import lease
 from clipup_jax.train.trainer import train
 
 SYNTHETIC_IMAGE_SIZE = 64  # generated resolution; the pipeline resizes to the model's
@@ -67,6 +68,11 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: PathLike) -> dict
     cfg = model_config(config)
     source = train_source(config)  # a bad path fails here:
     workdir.mkdir(parents=True, exist_ok=True)  # before anything is written
+    with lease.hold(workdir, enabled=jax.process_index() == 0):  # before anything is written in it
+        return _run(config, workdir, cfg, source)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: Path, cfg: ModelConfig, source: Any) -> dict[str, Any]:
     tokenizer_path = tokenizer_for(config, workdir, source)
     tokenizer = Tokenizer.from_path(tokenizer_path)
     check_tokenizer_fits(tokenizer_path, tokenizer.vocab_size, cfg)

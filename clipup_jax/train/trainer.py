@@ -27,7 +27,8 @@ from clipup_jax.parallel.layout import report_layout
 from clipup_jax.parallel.mesh import make_mesh
 from clipup_jax.parallel.sharding import batch_spec, data_parallel_size, param_shardings, state_shardings
 from clipup_jax.storage import Path, PathLike, as_path
-from clipup_jax.train.checkpointing import TrainCheckpoints, abstract_like
+from clipup_jax.train import lease
+from clipup_jax.train.checkpointing import SaveFailed, TrainCheckpoints, abstract_like
 from clipup_jax.train.metrics_log import MetricsLog, scalar_metrics
 from clipup_jax.train.losses import make_contrastive_loss
 from clipup_jax.train.optimizer import make_optimizer, schedule as make_schedule, warmup_note
@@ -107,6 +108,8 @@ def check_config(config: ml_collections.ConfigDict, workdir: PathLike | None = N
     for field in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         if not isinstance(config[field], int) or config[field] < 1:
             raise ValueError(f"config.{field}={config[field]!r}: must be an integer >= 1")
+    if config.get("checkpoint_timeout_s", 1200) < 1:
+        raise ValueError(f"config.checkpoint_timeout_s={config.checkpoint_timeout_s}: must be >= 1")
     if config.eval_every < 0:
         raise ValueError(f"config.eval_every={config.eval_every}: must be >= 0 (0 = never)")
     if config.nonfinite not in NONFINITE_POLICIES:
@@ -205,8 +208,15 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike, *, data: DataFac
     workdir = as_path(workdir)  # local, or gs:// for a pod's shared run directory (clipup_jax/storage.py)
     check_config(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with lease.hold(workdir, enabled=jax.process_index() == 0):  # a second run on this workdir fails here, at once
+        return _train(config, workdir, data, tokenizer, evaluate, upcycle)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, data: DataFactory, tokenizer: PathLike | None,
+           evaluate: EvalFn | None, upcycle: Callable | None) -> dict[str, Any]:
     cfg = model_config(config)
     main_process = jax.process_index() == 0
+    held = lease.current(workdir)
     log = MetricsLog(workdir, config.total_steps, enabled=main_process)
     note = warmup_note(config.optim, config.total_steps)
     if note and main_process:
@@ -216,7 +226,8 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike, *, data: DataFac
     mesh = config_mesh(config)
     with jax.set_mesh(mesh):
         # ------------------------------------------------------------ state: restore or init, never both
-        checkpoints = TrainCheckpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every)
+        checkpoints = TrainCheckpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every,
+                                       timeout_s=config.get("checkpoint_timeout_s", 1200))  # configs saved before it
         graphdef, tx, schedule, abstract = abstract_train_state(config)
         shardings = state_shardings(abstract, mesh, cfg)
         if main_process:  # printed, and the full table in layout.txt
@@ -255,8 +266,11 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike, *, data: DataFac
         if start_step >= config.total_steps and main_process:
             print(f"{workdir}: finished, at step {start_step} of config.total_steps={config.total_steps}: nothing to "
                   f"train (raise config.total_steps to continue)", flush=True)
+        failed = False
         try:
             for step in range(start_step + 1, config.total_steps + 1):
+                if held is not None:
+                    held.check()  # stops a run whose lease another run took over (it stalled past the timeout)
                 local = next(data_iter)
                 skipped += int(local.get("num_skipped", 0))
                 batch = global_batch(local)
@@ -286,10 +300,19 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike, *, data: DataFac
                     checkpoints.wait()  # the VM may be gone in seconds: make the save durable before saying so
                     print(f"SIGTERM: {'saved' if saved else 'could not save'} step {step}, stopping", flush=True)
                     break
+        except BaseException as e:
+            failed = isinstance(e, SaveFailed)  # the store failed: what is left to write would fail too (retries)
+            raise
         finally:
-            checkpoints.close()  # waits for the last save: a SIGTERM meanwhile must not kill it half-written
-            log.close()
+            last_save = None
+            try:
+                checkpoints.close()  # waits for the last save: a SIGTERM meanwhile must not kill it half-written
+            except SaveFailed as e:  # reported here unless the loop's own error is on its way
+                last_save, failed = e, True
+            log.close(flush=not failed)  # unwritten metrics are logged again by the relaunch, from its checkpoint
             signal.signal(signal.SIGTERM, previous)
+        if last_save is not None:
+            raise last_save
     history: dict[str, Any] = log.this_run()
     if main_process:
         (workdir / "history.json").write_text(json.dumps(history, indent=1) + "\n")

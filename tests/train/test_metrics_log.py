@@ -6,7 +6,13 @@ import io
 import json
 import math
 
+import numpy as np
+import pytest
+from etils import epath
+from tensorboard.backend.event_processing import event_accumulator
+
 from clipup_jax.train.metrics_log import MetricsLog
+from tests.gcs_emulator import gcs_bucket  # noqa: F401 (the fixture)
 
 
 def _run(workdir, steps, eval_at=()):
@@ -45,3 +51,24 @@ def test_disabled_log_has_no_history(tmp_path):
     log.write(1, {"loss": 1.0})
     assert log.this_run() == {"train": [], "eval": []}
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("store", ["local", "gs"])
+def test_tensorboard_reads_every_run_and_flush(tmp_path, store, request):
+    """TensorBoard sees every logged step of two runs, each flushed twice, on local disk and on a bucket (where
+    tensorboard's own writer, appending through gcsfs, kept only the last record)."""
+    workdir = tmp_path / "run" if store == "local" else epath.Path(request.getfixturevalue("gcs_bucket")) / "run"
+    for steps in ([1, 2, 3, 4], [5, 6]):
+        log = MetricsLog(workdir, total_steps=6, stream=io.StringIO())
+        for step in steps:
+            log.write(step, {"loss": 1.0 / step})
+            if step % 2 == 0:
+                log.flush()
+        log.close()
+    local = tmp_path / "tb"  # TensorBoard's loader reads local files: the store's objects, names kept
+    local.mkdir()
+    for part in (workdir / "tb").iterdir():
+        (local / part.name).write_bytes(part.read_bytes())
+    tb = event_accumulator.EventAccumulator(str(local))
+    tb.Reload()
+    assert [(e.step, e.value) for e in tb.Scalars("loss")] == [(s, np.float32(1.0 / s)) for s in range(1, 7)]

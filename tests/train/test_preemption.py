@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -60,6 +61,26 @@ SMALL = ["--config.model.vision.width=32", "--config.model.vision.mlp_dim=64", "
          "--config.optim.schedule=constant"]  # killed launches run with a larger total_steps: same LRs
 
 
+def kill_at_step(cmd: list[str], env: dict[str, str], step: int, ready: Callable[[], bool] = lambda: True) -> str:
+    """Runs `cmd` (a clipup-train) until it prints the progress line of step `step`, or of the first later step at
+    which `ready()` holds, then `kill -9`s it; its output."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("[step ") and int(line[6:line.index("/")]) >= step and ready():
+                proc.kill()
+                break
+        seen += proc.communicate(timeout=600)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(seen)
+    assert proc.returncode == -signal.SIGKILL, output
+    return output
+
+
 def test_repeated_sigkill_then_relaunch_equals_an_uninterrupted_run(tmp_path):
     """kill -9 three times, at steps drawn from a seeded RNG, relaunching each time: every relaunch resumes from
     the latest complete checkpoint, and the run ends bitwise where an uninterrupted one ends (params, optimizer
@@ -79,22 +100,8 @@ def test_repeated_sigkill_then_relaunch_equals_an_uninterrupted_run(tmp_path):
             # Kill 1-4 steps past the resume point, saving every step: the kill lands during a save (Orbax commits
             # a step asynchronously, while the next one runs), so the latest complete step is one before, or earlier.
             target = (latest or 0) + rng.randint(1, 4)
-            proc = subprocess.Popen([*base, "--config.total_steps=1000", "--config.checkpoint_every=1",
-                                     "--workdir", str(workdir)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            seen = []
-            try:
-                for line in proc.stdout:
-                    seen.append(line)
-                    if line.startswith(f"[step {target}/"):
-                        proc.kill()
-                        break
-                seen += proc.communicate(timeout=600)[0]
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-            output = "".join(seen)
-            assert proc.returncode == -signal.SIGKILL, output
+            output = kill_at_step([*base, "--config.total_steps=1000", "--config.checkpoint_every=1",
+                                   "--workdir", str(workdir)], env, target)
             if latest is not None:
                 assert f"resumed from {workdir / 'checkpoints'} at step {latest} (" in output, output
             else:

@@ -19,6 +19,7 @@ import msgpack
 
 from clipup_jax.data.sources.paths import resolve_files
 from clipup_jax.data.sources.records import record
+from clipup_jax.storage import is_remote
 
 FORMAT = "clipup-image-text"
 FORMAT_VERSION = 1
@@ -57,6 +58,10 @@ class ArrayRecordSource:
 
         if not shards:
             raise ValueError("ArrayRecord source: no shards given")
+        remote = [s for s in shards if is_remote(s)]
+        if remote:  # array_record 0.8.6 reads no gs:// through the emulator variables: it hung, so refuse it
+            raise ValueError(f"ArrayRecord shard {os.fspath(remote[0])}: array_record reads local files here; copy "
+                             "the shards to local disk (or a gcsfuse mount), or stream tar shards with wds:gs://...")
         self._shards = [os.fspath(s) for s in shards]
         self._records = grain.sources.ArrayRecordDataSource(self._shards)
 

@@ -12,9 +12,9 @@ import csv
 import dataclasses
 import io
 import os
-import pathlib
 
 from clipup_jax.data.sources.records import record
+from clipup_jax.storage import Path, as_path, is_remote
 
 PATH_COLUMNS = ("filepath", "path", "file", "filename", "image", "image_path", "img")
 CAPTION_COLUMNS = ("caption", "text", "title", "sentence", "raw")
@@ -43,7 +43,7 @@ def read_table(path: str | os.PathLike[str]) -> list[CaptionRow]:
     A malformed row is an error naming the file and line: guessing which cell is the caption would train on
     garbage silently.
     """
-    path = pathlib.Path(path)
+    path = as_path(path)
     delimiter = DELIMITERS.get(path.suffix.lower())
     if delimiter is None:
         raise ValueError(f"{path}: captions table must be .tsv or .csv, got {path.suffix or 'no suffix'!r}")
@@ -92,16 +92,17 @@ def group_rows(rows: list[CaptionRow]) -> list[tuple[str, tuple[str | bytes, ...
 
 
 class CaptionsTableSource:
-    """``len``/``getitem`` over the distinct images of a table; relative paths are resolved against its folder."""
+    """``len``/``getitem`` over the distinct images of a table; relative paths are resolved against its folder.
+    The table and its images may be local or on gs://."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._table = pathlib.Path(os.path.expanduser(path))
+        self._table = as_path(os.path.expanduser(path))
         if not self._table.is_file():
             raise FileNotFoundError(f"captions table {self._table} does not exist")
         self._root = self._table.parent
         self._groups = group_rows(read_table(self._table))
         first, _, line = self._groups[0]
-        if not (self._root / first).is_file():  # catches a wrong root before a run skips every image
+        if not self._image(first).is_file():  # catches a wrong root before a run skips every image
             raise FileNotFoundError(f"{self._table}: line {line}: image {first} does not exist "
                                     f"(relative paths are resolved against {self._root})")
 
@@ -111,10 +112,13 @@ class CaptionsTableSource:
     def __getitem__(self, index: int) -> dict:
         image, captions, _ = self._groups[int(index)]
         try:
-            data = (self._root / image).read_bytes()
+            data = self._image(image).read_bytes()
         except OSError:
             data = b""  # a file gone since construction: skipped and counted like a corrupt image
         return record(data, captions, image)
+
+    def _image(self, image: str) -> Path:
+        return as_path(image) if is_remote(image) or os.path.isabs(image) else self._root / image
 
     def __repr__(self) -> str:
         return f"CaptionsTableSource({self._table}, {len(self)} images)"

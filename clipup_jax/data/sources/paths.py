@@ -1,10 +1,13 @@
-"""Shard path patterns: brace ranges (``{00000..00009}``, as img2dataset/webdataset users write them) and globs."""
+"""Shard path patterns: brace ranges (``{00000..00009}``, as img2dataset/webdataset users write them) and globs,
+local or on gs:// (there a glob in the file name only)."""
 
 from __future__ import annotations
 
 import glob
 import os
 import re
+
+from clipup_jax.storage import as_path, is_remote
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -42,7 +45,13 @@ def resolve_files(pattern: str, what: str) -> list[str]:
         raise ValueError(f"no {what} path given")
     files: list[str] = []
     for part in expand_braces(os.path.expanduser(pattern)):
-        if _GLOB_CHARS & set(part):
+        if is_remote(part):  # gs://: a glob only in the last component (one listing, not a recursive walk)
+            found = _remote_files(part)
+            if not found:
+                raise FileNotFoundError(f"{what}: {'no files match' if _GLOB_CHARS & set(part) else 'no such file'} "
+                                        f"{part!r}")
+            files.extend(found)
+        elif _GLOB_CHARS & set(part):
             matched = sorted(p for p in glob.glob(part) if os.path.isfile(p))
             if not matched:
                 raise FileNotFoundError(f"{what}: no files match {part!r}")
@@ -53,3 +62,10 @@ def resolve_files(pattern: str, what: str) -> list[str]:
             origin = "" if part == pattern else f" (from {pattern!r})"
             raise FileNotFoundError(f"{what}: {part} does not exist{origin}")
     return files
+
+
+def _remote_files(part: str) -> list[str]:
+    path = as_path(part)
+    if _GLOB_CHARS & set(path.name) and not _GLOB_CHARS & set(os.fspath(path.parent)):
+        return sorted(os.fspath(p) for p in path.parent.glob(path.name) if p.is_file())
+    return [part] if path.is_file() else []

@@ -1,7 +1,8 @@
 """Random access into webdataset tar shards as img2dataset writes them (``00000.tar``: ``000000001.jpg`` + ``.txt``).
 
 Each shard is indexed once at construction (member name, data offset, size: one pass over the tar headers, no
-image bytes read), so ``source[i]`` is two ``os.pread`` calls. This gives webdataset data what its streaming
+image bytes read), so ``source[i]`` is two ranged reads (``os.pread`` locally; on gs://, two range requests
+through `storage.RangeReader`). This gives webdataset data what its streaming
 readers lack: global shuffling, per-process slicing and an exactly resumable position. Only uncompressed tars are
 accepted; gzip has no random access.
 """
@@ -13,13 +14,13 @@ import concurrent.futures
 import os
 import posixpath
 import tarfile
-import threading
 from collections.abc import Sequence
 
 import numpy as np
 
 from clipup_jax.data.sources.paths import resolve_files
 from clipup_jax.data.sources.records import record
+from clipup_jax.storage import RangeReader, as_path
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSION = "txt"
@@ -41,7 +42,7 @@ def index_tar(path: str) -> tuple[list[str], np.ndarray]:
     """
     rows: dict[str, list[int]] = {}
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with as_path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:  # local or gs://
             for member in tar:
                 if not member.isfile():
                     continue
@@ -73,8 +74,7 @@ class WebDatasetSource:
         self._keys = np.array([k.encode("utf-8", "surrogateescape") for keys, _ in indexed for k in keys], dtype=bytes)
         self._table = np.concatenate([table for _, table in indexed])
         self._starts = np.cumsum([0] + [len(keys) for keys, _ in indexed]).tolist()
-        self._fds: dict[int, int] = {}
-        self._lock = threading.Lock()
+        self._readers = [RangeReader(s) for s in self._shards]
 
     @classmethod
     def from_pattern(cls, pattern: str, *, index_threads: int = 16) -> WebDatasetSource:
@@ -84,19 +84,10 @@ class WebDatasetSource:
     def __len__(self) -> int:
         return len(self._table)
 
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(shard)
-                if fd is None:
-                    fd = self._fds[shard] = os.open(self._shards[shard], os.O_RDONLY)
-        return fd
-
     def _read(self, shard: int, offset: int, size: int) -> bytes:
         if offset == _MISSING:
             return b""
-        data = os.pread(self._fd(shard), size, offset)
+        data = self._readers[shard].read(offset, size)
         if len(data) != size:
             raise OSError(f"{self._shards[shard]}: short read at offset {offset} (shard changed since indexing?)")
         return data
@@ -110,23 +101,6 @@ class WebDatasetSource:
         key = self._keys[index].decode("utf-8", "surrogateescape")
         return record(self._read(shard, image_off, image_size), (self._read(shard, text_off, text_size),),
                       f"{posixpath.basename(self._shards[shard])}/{key}")
-
-    def __getstate__(self) -> dict:
-        """File descriptors and locks do not cross into worker processes; each worker opens its own."""
-        state = dict(self.__dict__)
-        state["_fds"], state["_lock"] = {}, None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def __del__(self) -> None:
-        for fd in getattr(self, "_fds", {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def __repr__(self) -> str:
         return f"WebDatasetSource({len(self._shards)} shards, {len(self)} samples)"

@@ -1,0 +1,79 @@
+"""clipup-convert import | upcycle | inspect, clipup-embed and clipup-eval with every path on gs:// (the emulator):
+sources, outputs, tokenizer, pixels and captions all in the bucket; the checkpoints are published whole (no
+temporary prefix left, `clipup.json` present) and embed as their local counterparts do."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from etils import epath
+
+from clipup_jax.checkpoints.format import METADATA_FILE, atomic_directory, load_checkpoint
+from clipup_jax.cli.convert import main as convert
+from clipup_jax.cli.embed import main as embed
+from clipup_jax.cli.eval import main as evaluate
+from clipup_jax.storage import copy_tree, files_under
+from tests.cli.test_upcycle_cli import FLAGS, setup  # noqa: F401 (the fixture: an HF CLIP, tokenizer, inputs)
+from tests.cli_helpers import invoke
+from tests.gcs_emulator import gcs_bucket  # noqa: F401 (the fixture)
+from tests.numerics import assert_close, reduction_bound
+from tests.train.test_preemption import ROOT
+
+
+def test_import_upcycle_inspect_embed_eval_with_every_path_on_gcs(setup, gcs_bucket, capsys):  # noqa: F811
+    bucket = epath.Path(gcs_bucket)
+    copy_tree(setup, bucket / "in")  # the HF model directory (weights, config, tokenizer), pixels, captions
+    dense, sparse = bucket / "ckpt" / "dense", bucket / "ckpt" / "sparse"
+    code, out, err = invoke(convert, ["import", "--from", "hf", bucket / "in" / "hf", "--out", dense], capsys)
+    assert code == 0, err
+    code, out, err = invoke(convert, ["import", "--from", "hf", bucket / "in" / "hf", "--out", dense], capsys)
+    assert code == 2 and err == f"clipup-convert: error: {dense}: already exists (pass --force to replace it)\n"
+    code, out, err = invoke(convert, ["import", "--from", "hf", bucket / "in" / "hf", "--out", dense, "--force"],
+                            capsys)
+    assert code == 0, err
+    assert load_checkpoint(dense).metadata["source"]["path"] == f"{bucket}/in/hf"  # the user's path, not a download
+    code, out, err = invoke(convert, ["upcycle", dense, "--out", sparse, *FLAGS], capsys)
+    assert code == 0, err
+    code, out, err = invoke(convert, ["inspect", sparse], capsys)
+    assert code == 0 and "kind         sparse" in out, err
+    features = {}
+    for name, ckpt in (("dense", dense), ("sparse", sparse)):
+        result = bucket / "out" / f"{name}.npz"
+        code, out, err = invoke(embed, ["--checkpoint", ckpt, "--pixels", bucket / "in" / "pixels.npy", "--texts",
+                                        bucket / "in" / "captions.txt", "--out", result], capsys)
+        assert code == 0, err
+        with result.open("rb") as f:
+            features[name] = dict(np.load(f))
+    for name in ("image_features", "text_features"):  # as in the local test: upcycled == dense, dropless
+        assert_close(features["sparse"][name], features["dense"][name], reduction_bound(6 * 6 * 3, chain=12), name)
+    code, out, err = invoke(evaluate, ["--checkpoint", sparse, "--config", ROOT / "experiments" / "demo.py",
+                                       "--config.data.eval_size=8", "--out", bucket / "out" / "eval.json"], capsys)
+    assert code == 0, err
+    assert json.loads((bucket / "out" / "eval.json").read_text())["checkpoint"] == str(sparse)
+    names = [str(p.relative_to(bucket)) for p in files_under(bucket)]
+    assert not [n for n in names if ".tmp-" in n or ".old-" in n], names
+    assert {"ckpt/dense/clipup.json", "ckpt/sparse/clipup.json", "ckpt/sparse/tokenizer/vocab.json"} <= set(names)
+
+
+def test_a_failed_write_to_gcs_leaves_neither_output_nor_temporary_prefix(gcs_bucket):  # noqa: F811
+    """`atomic_directory` on a store: a fill that fails half way leaves nothing; a replaced checkpoint is never
+    visible half-written (its `clipup.json` goes first, comes back last)."""
+    bucket = epath.Path(gcs_bucket)
+
+    def fill(tmp, fail: bool) -> None:
+        (tmp / "params").mkdir(parents=True)
+        (tmp / "params" / "a").write_text("new")
+        if fail:
+            raise OSError("disk gone")
+        (tmp / METADATA_FILE).write_text("{}")
+
+    with pytest.raises(OSError, match="disk gone"):
+        atomic_directory(bucket / "out", False, lambda tmp: fill(tmp, True))
+    assert not list(bucket.iterdir())
+    atomic_directory(bucket / "out", False, lambda tmp: fill(tmp, False))
+    assert sorted(str(p.relative_to(bucket)) for p in files_under(bucket)) == ["out/clipup.json", "out/params/a"]
+    with pytest.raises(OSError, match="disk gone"):  # the old checkpoint is kept when the new one fails
+        atomic_directory(bucket / "out", True, lambda tmp: fill(tmp, True))
+    assert (bucket / "out" / METADATA_FILE).exists()
