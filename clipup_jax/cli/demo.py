@@ -155,15 +155,6 @@ def _figure(report: dict[str, Any], histories: dict[str, list[list[dict[str, Any
     plt.close(fig)
 
 
-def _use_compile_cache(workdir: pathlib.Path) -> None:
-    """The seeds of an arm run one program: compiled once, reused from the workdir's XLA cache (unless the user
-    configured a cache of their own)."""
-    import jax
-
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(workdir / "xla_cache"))
-
-
 def _demo(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     workdir, pretrain_steps, arm_steps, seeds, seed = args.workdir, args.pretrain_steps, args.arm_steps, args.seeds, \
@@ -192,11 +183,12 @@ def _demo(args: argparse.Namespace) -> None:
             raise ValueError(f"{workdir}: exists and is not empty (pass --force to start over)")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    _use_compile_cache(workdir)
     from clipup_jax.models.flops import equal_flops_steps
     from clipup_jax.train.recipes import DEMO_MODEL, DEMO_PLAN, demo_config, sparse
-    from clipup_jax.train.run import run_experiment
+    from clipup_jax.train.run import run_experiment, use_compile_cache
     from clipup_jax.train.sweep_report import Run, build_report
+
+    use_compile_cache(workdir)
 
     _step(f"1/3 pre-train the dense parent for {pretrain_steps} steps on generated image-caption pairs (seed {seed})")
     parent_config = demo_config()

@@ -101,7 +101,7 @@ def _runs(sweep: Sweep, workdir: pathlib.Path, seeds: int) -> list[tuple[dict, l
 
 
 def _sweep(path: pathlib.Path, workdir: pathlib.Path, seeds: int, dry_run: bool, report: bool) -> None:
-    from clipup_jax.train.run import run_experiment
+    from clipup_jax.train.run import run_experiment, use_compile_cache
     from clipup_jax.train.sweep_report import build_report, check_comparable, read_run, write_report
     from clipup_jax.train.trainer import check_config
 
@@ -109,6 +109,7 @@ def _sweep(path: pathlib.Path, workdir: pathlib.Path, seeds: int, dry_run: bool,
         raise ValueError(f"--seeds {seeds}: at least 1")
     sweep = load_sweep(path)
     runs = _runs(sweep, workdir, seeds)
+    use_compile_cache(workdir)
     for *_, run in runs:  # every arm's config is sound before the first one trains
         try:
             check_config(run.config, run.workdir)

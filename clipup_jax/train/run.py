@@ -27,6 +27,13 @@ SYNTHETIC_IMAGE_SIZE = 64  # generated resolution; the pipeline resizes to the m
 TOKENIZER_TEXTS = 5000  # records whose captions train the tokenizer when config.data.tokenizer is ""
 
 
+def use_compile_cache(directory: Path) -> None:
+    """Runs of one program (an arm's seeds) compile it once: XLA's cache in `directory`, unless the user
+    configured a cache of their own."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(directory / "xla_cache"))
+
+
 def tokenizer_for(config: ml_collections.ConfigDict, workdir: Path, train_source: Any) -> Path:
     """The configured tokenizer; else the init checkpoint's (the ids its token embeddings were trained on); else
     one trained on the captions of the run's own training data (kept in the workdir, reused on resume)."""
