@@ -12,7 +12,7 @@ weights are stacked on a leading expert axis (`ExpertWeights`).
 * `sorted_grouped`: assignments sorted by expert and a grouped matmul (`ragged_dot`
   or the Pallas kernel); no buffer slots, so no work for capacity nobody uses.
 * `expert_loop`: assignments sorted by expert, then a loop over experts, each
-  running its MLP on exactly its rows in a few chunk sizes: no capacity padding
+  running its MLP on its rows in chunks (`ChunkSchedule`): no capacity padding
   and no masked grouped matmul (what XLA:CPU makes of `ragged_dot`), so a pass
   costs its active FLOPs; its backward pass runs the same loops.
 * `dense_reference`: every expert on every token, weighted by the combine
@@ -25,6 +25,7 @@ gradient on every path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, NamedTuple
 
@@ -121,20 +122,41 @@ def sorted_grouped(x: jax.Array, r: Routing, w: ExpertWeights, act: Activation, 
     return y.reshape(g, s, d)
 
 
-EXPERT_LOOP_CHUNKS = (512, 128, 32)  # rows per matmul, largest first; the last one bounds the padding per expert
+@dataclasses.dataclass(frozen=True)
+class ChunkSchedule:
+    """How `expert_loop` cuts an expert's rows into matmuls: chunks of `largest` rows while that many are left,
+    then one chunk of the smallest multiple of `step` that holds the rest (reading < `step` rows past the end).
+
+    Each chunk reads the expert's weights once, so one chunk per expert is what small batches want (at inference
+    an expert's weights outweigh its few hundred rows); each remainder size is a branch of the compiled program,
+    so a finer `step` wastes fewer rows but compiles more code (training's backward runs the schedule too).
+    """
+
+    largest: int
+    step: int
+
+    def __post_init__(self):
+        if not (0 < self.step <= self.largest and self.largest % self.step == 0):
+            raise ValueError(f"ChunkSchedule({self.largest}, {self.step}): step must divide largest")
+
+    def for_rows(self, n: int) -> ChunkSchedule:
+        """The schedule for `n` rows in all: no chunk larger than they can fill (the compiled slices must fit)."""
+        return ChunkSchedule(min(self.largest, -(-n // self.step) * self.step), self.step)
+
+
+TRAIN_CHUNKS = ChunkSchedule(largest=512, step=128)
+INFERENCE_CHUNKS = ChunkSchedule(largest=512, step=16)
 
 
 def expert_loop(x: jax.Array, r: Routing, w: ExpertWeights, act: Activation,
-                chunks: tuple[int, ...] = EXPERT_LOOP_CHUNKS) -> jax.Array:
+                chunks: ChunkSchedule = TRAIN_CHUNKS) -> jax.Array:
     """Each expert's MLP on exactly the rows routed to it (kept assignments only).
 
-    Rows are sorted by expert. Expert e's rows [start_e, end_e) run in chunks: while at least
-    `chunks[0]` rows are left, a chunk of that many; then the next size; the last size also takes
-    the remainder, reading a few rows past end_e. Those extra rows belong to the next expert (which
-    runs later and overwrites them), to dropped assignments (gate 0) or to zero padding at the end,
-    so every kept row ends up computed by its own expert. The loops' trip counts depend on the
-    routing, which reverse-mode autodiff cannot differentiate through, so the backward pass is
-    written out (`_looped_mlp`'s VJP) with the same schedule.
+    Rows are sorted by expert and expert e's rows [start_e, end_e) run in `chunks`' schedule. A last chunk's
+    rows past end_e belong to the next expert (which runs later and overwrites them), to dropped assignments
+    (gate 0) or to zero padding at the end, so every kept row ends up computed by its own expert. The loops'
+    trip counts depend on the routing, which reverse-mode autodiff cannot differentiate through, so the
+    backward pass is written out (`_looped_mlp`'s VJP) with the same schedule.
     """
     g, s, d = x.shape
     e = w.fc1.shape[0]
@@ -142,30 +164,26 @@ def expert_loop(x: jax.Array, r: Routing, w: ExpertWeights, act: Activation,
     n = g * s * k
     expert = jnp.where(r.kept, r.expert_index, e).reshape(-1)  # dropped rows sort last and are never run
     order = jnp.argsort(expert, stable=True)
-    rows = jnp.concatenate([x.reshape(g * s, d)[order // k], jnp.zeros((max(chunks), d), x.dtype)])
+    rows = jnp.concatenate([x.reshape(g * s, d)[order // k], jnp.zeros((chunks.step, d), x.dtype)])
     sizes = jnp.bincount(expert, length=e + 1)[:e]
     ends = jnp.cumsum(sizes)
     dtype = x.dtype
-    out = _looped_mlp(rows, ends - sizes, ends, ExpertWeights(*(a.astype(dtype) for a in w)), act, chunks)
+    out = _looped_mlp(rows, ends - sizes, ends, ExpertWeights(*(a.astype(dtype) for a in w)), act,
+                      chunks.for_rows(n))
     slot = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # sorted row of each assignment
     picked = out[slot].reshape(g, s, k, d)
     return jnp.einsum("gskd,gsk->gsd", picked, jnp.where(r.kept, r.gate, 0.0).astype(dtype))
 
 
-def _chunked(start: jax.Array, end: jax.Array, chunks: tuple[int, ...], body, carry):
-    """`carry = body(at, size, carry)` over the rows [start, end) in `expert_loop`'s chunk schedule."""
-    at = start
-    for j, size in enumerate(chunks):
-        last = j == len(chunks) - 1
-
-        def more(c, size=size, last=last):
-            return end - c[0] > 0 if last else end - c[0] >= size
-
-        def step(c, size=size):
-            return c[0] + size, body(c[0], size, c[1])
-
-        at, carry = jax.lax.while_loop(more, step, (at, carry))
-    return carry
+def _chunked(start: jax.Array, end: jax.Array, chunks: ChunkSchedule, body, carry):
+    """`carry = body(at, size, carry)` over the rows [start, end) in `chunks`' schedule."""
+    big, step = chunks.largest, chunks.step
+    at, carry = jax.lax.while_loop(lambda c: end - c[0] >= big, lambda c: (c[0] + big, body(c[0], big, c[1])),
+                                   (start, carry))
+    # Branch i runs one chunk of i * step rows; branch 0 (nothing left) none.
+    branches = [lambda at, c: c] + [functools.partial(lambda at, c, size: body(at, size, c), size=size)
+                                    for size in range(step, big + 1, step)]
+    return jax.lax.switch((end - at + step - 1) // step, branches, at, carry)
 
 
 def _rows(a: jax.Array, at: jax.Array, size: int) -> jax.Array:
@@ -193,7 +211,7 @@ def _looped_forward(rows, starts, ends, w: ExpertWeights, act: Activation, chunk
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _looped_mlp(rows, starts, ends, w: ExpertWeights, act: Activation, chunks: tuple[int, ...]) -> jax.Array:
+def _looped_mlp(rows, starts, ends, w: ExpertWeights, act: Activation, chunks: ChunkSchedule) -> jax.Array:
     """Sorted rows through their experts' MLPs (rows [starts[e], ends[e]) belong to expert e)."""
     return _looped_forward(rows, starts, ends, w, act, chunks, keep_hidden=False)[0]
 

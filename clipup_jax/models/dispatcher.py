@@ -47,6 +47,7 @@ class Dispatcher:
     capacity_factor: float | None  # None: dropless
     expert_axis_size: int = 1  # > 1: experts spread over the mesh's `expert` axis
     transport: str = "all_to_all"  # how tokens reach experts when they are spread
+    chunks: dispatch.ChunkSchedule = dispatch.TRAIN_CHUNKS  # expert_loop's matmul sizes
 
     @property
     def expert_parallel(self) -> bool:
@@ -79,7 +80,7 @@ class Dispatcher:
         if per_group is not None:
             return group_local(per_group)(x, r, w)
         if self.kind == "expert_loop":
-            local = functools.partial(dispatch.expert_loop, act=act)
+            local = functools.partial(dispatch.expert_loop, act=act, chunks=self.chunks)
         else:
             local = functools.partial(dispatch.sorted_grouped, act=act, backend=self.kind)
         return _per_device(local, x, r, w)
@@ -99,7 +100,9 @@ def choose(plan: MoEPlan, *, train: bool, mesh_shape: Mapping[str, int] | None =
             expert_parallel.expert_layout(plan.num_experts, ep)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-    made = functools.partial(Dispatcher, capacity_factor=factor, expert_axis_size=ep, transport=plan.ep_transport)
+    # Inference runs each expert's rows in one chunk where it can; training's backward doubles the compiled branches.
+    made = functools.partial(Dispatcher, capacity_factor=factor, expert_axis_size=ep, transport=plan.ep_transport,
+                             chunks=dispatch.TRAIN_CHUNKS if train else dispatch.INFERENCE_CHUNKS)
     if requested == "dense_reference":
         return made("dense_reference")
     if plan.router == "expert_choice":

@@ -136,7 +136,9 @@ def top_k_routing(logits: jax.Array, top_k: int, capacity: int, renormalize: boo
     gate = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True) if renormalize else top_probs
     order = _priority_order(top_probs[:, 0], batch_priority)
     slot = _slots(expert_index, order, num_experts)
-    kept = slot < capacity
+    # A token reaches an expert at most once, so `num_tokens` slots never drop one: then `kept` does not read the
+    # slots, and paths that never look at them (the sorted ones) skip computing them.
+    kept = slot < capacity if capacity < num_tokens else jnp.ones(slot.shape, bool)
     return Routing(
         expert_index=expert_index.astype(jnp.int32),
         gate=jnp.where(kept, gate, 0.0),

@@ -73,7 +73,7 @@ def test_paths_equal_dense_reference_forward_and_backward(path, top_k, capacity_
 
 
 def test_expert_loop_covers_every_chunk_size():
-    """Experts with more rows than the largest chunk, rows in several chunk sizes, and none at all: forward and
+    """Experts with more rows than the largest chunk, remainders of several sizes, and no rows at all: forward and
     the hand-written backward against the dense reference."""
     from clipup_jax.models import dispatch, routing
 
@@ -90,7 +90,7 @@ def test_expert_loop_covers_every_chunk_size():
     reference = jax.value_and_grad(loss(lambda x, w: dispatch.dense_reference(
         x, dispatch.combine_weights(r, e), w, jax.nn.gelu)), argnums=(0, 1))(x, w)
     bound = reduction_bound(g * s, chain=6)
-    for chunks in ((64, 16, 4), (7,), (256, 3)):
+    for chunks in (dispatch.ChunkSchedule(64, 4), dispatch.ChunkSchedule(7, 7), dispatch.ChunkSchedule(255, 3)):
         got = jax.jit(jax.value_and_grad(loss(lambda x, w: dispatch.expert_loop(x, r, w, jax.nn.gelu, chunks)),
                                          argnums=(0, 1)))(x, w)
         assert_close(got[0], reference[0], bound, f"loss, chunks {chunks}")
