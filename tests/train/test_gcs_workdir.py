@@ -77,16 +77,23 @@ def test_sigkill_on_a_gcs_workdir_then_relaunch_equals_an_uninterrupted_run(tmp_
                                   remote], env, 3, ready=lambda: bool(_complete_steps(remote)))
         latest = load_checkpoint(remote).metadata["step"]  # complete, whatever the kill interrupted
         assert 1 <= latest <= int(killed_at.split("[step ")[-1].split("/")[0])
-        resumed = subprocess.run([*base, "--config.total_steps=5", "--workdir", remote],
-                                 capture_output=True, text=True, env=env, timeout=600)
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-        assert f"resumed from {remote}/checkpoints at step {latest} (" in resumed.stdout
-        out, _ = straight.communicate(timeout=600)
-        assert straight.returncode == 0, out
+        _relaunch_ends_as_straight(base, env, remote, latest, straight, tmp_path / "straight")
     finally:
         if straight.poll() is None:
             straight.kill()
-    want, got = load_checkpoint(tmp_path / "straight"), load_checkpoint(remote)
+
+
+def _relaunch_ends_as_straight(base: list[str], env: dict, remote: str, latest: int, straight: subprocess.Popen,
+                               straight_dir) -> None:
+    """The relaunch on `remote` resumes at `latest` and ends at step 5 bitwise where the uninterrupted run
+    (`straight`, writing to `straight_dir`) ends."""
+    resumed = subprocess.run([*base, "--config.total_steps=5", "--workdir", remote],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {remote}/checkpoints at step {latest} (" in resumed.stdout
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out
+    want, got = load_checkpoint(straight_dir), load_checkpoint(remote)
     assert got.metadata["step"] == want.metadata["step"] == 5
     for name in want.params:
         np.testing.assert_array_equal(got.params[name], want.params[name], err_msg=name)
@@ -129,16 +136,7 @@ def test_the_store_lost_mid_save_fails_the_run_and_a_relaunch_resumes_bitwise(tm
     latest = load_checkpoint(remote).metadata["step"]
     assert latest in _complete_steps(remote) and max(_complete_steps(remote)) == latest
     try:
-        resumed = subprocess.run([*base, "--config.total_steps=5", "--workdir", remote],
-                                 capture_output=True, text=True, env=env, timeout=600)
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-        assert f"resumed from {remote}/checkpoints at step {latest} (" in resumed.stdout
-        out, _ = straight.communicate(timeout=600)
-        assert straight.returncode == 0, out
+        _relaunch_ends_as_straight(base, env, remote, latest, straight, tmp_path / "straight")
     finally:
         if straight.poll() is None:
             straight.kill()
-    want, got = load_checkpoint(tmp_path / "straight"), load_checkpoint(remote)
-    assert got.metadata["step"] == want.metadata["step"] == 5
-    for name in want.params:
-        np.testing.assert_array_equal(got.params[name], want.params[name], err_msg=name)
