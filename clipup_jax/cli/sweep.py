@@ -19,6 +19,7 @@ import pathlib
 import re
 import shlex
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from clipup_jax.cli.errors import Parser, run_cli
@@ -119,14 +120,18 @@ def _sweep(path: pathlib.Path, workdir: pathlib.Path, seeds: int, dry_run: bool,
         comparisons = [(a["name"], sweep.baseline) for a in sweep.arms
                        if a["name"] != sweep.baseline and a["name"] not in sweep.parents]
         check_comparable([run for *_, run in runs], comparisons)  # before anything trains
+    started, trained = time.perf_counter(), 0
     for i, (arm, overrides, run) in enumerate(runs, 1):
         command = ["clipup-train", "--config", str(sweep.config_file(arm)), "--workdir", str(run.workdir), *overrides]
-        print(f"[{i}/{len(runs)}] {run.arm} seed {run.seed}: {shlex.join(command)}", flush=True)
+        # ETA from the runs trained in this invocation (finished ones are skipped, not timed).
+        eta = f" (ETA {(time.perf_counter() - started) / trained * (len(runs) - i + 1) / 60:.0f} min)" if trained else ""
+        print(f"[{i}/{len(runs)}] {run.arm} seed {run.seed}{eta}: {shlex.join(command)}", flush=True)
         if dry_run:
             continue
         if read_run(run)["state"] == "finished":
             print(f"  finished earlier: {run.workdir}", flush=True)
             continue
+        trained += 1
         try:
             # Read again now that the parent (if any) has trained: its checkpoint gives the model.
             run_experiment(load_config(sweep.config_file(arm), overrides) if "from" in arm else run.config,

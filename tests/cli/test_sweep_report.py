@@ -41,7 +41,7 @@ def test_seeds_report_and_resume(tmp_path, capsys):
     workdir = tmp_path / "w"
     code, out, err = invoke(sweep_main, [sweep, "--workdir", workdir, "--seeds", "2", "--report"], capsys)
     assert code == 0, err
-    assert "[6/6] broken seed 1" in out and "FAILED" in out
+    assert "[6/6] broken seed 1 (ETA " in out and "FAILED" in out and "[1/6] base seed 0: " in out
     report = json.loads((workdir / "report.json").read_text())
     assert report["baseline"] == "base" and "Student t" in report["interval"]
     runs = {(r["arm"], r["seed"]): r for r in report["runs"]}
