@@ -17,7 +17,9 @@ are not cached (an explicit ``FSSPEC_GCS_USE_LISTINGS_CACHE`` is the user's choi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -38,8 +40,18 @@ except ImportError:  # no gcs extra: local paths only
     pass
 
 
+_MANGLED_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/(?!/)")
+
+
 def as_path(path: PathLike) -> epath.Path:
-    """`path` (a local path or a URL such as ``gs://bucket/run``) as the project's path type."""
+    """`path` (a local path or a URL such as ``gs://bucket/run``) as the project's path type. A URL that went
+    through `pathlib.Path` on the way (``gs:/bucket/run``: its ``//`` collapsed) is refused, naming it: taken
+    for a local path, it would write a run into a local ``./gs:`` directory without a word."""
+    mangled = _MANGLED_URL.match(os.fspath(path))
+    if mangled:
+        url = f"{mangled.group(1)}://{os.fspath(path)[mangled.end():]}"
+        raise ValueError(f"{url}: reached here as {os.fspath(path)!r} (pathlib.Path collapses the '//' of a URL), "
+                         "so the option or code that passed it takes local paths only")
     return epath.Path(path)
 
 
@@ -93,6 +105,42 @@ def local_copy(path: PathLike, siblings: Sequence[str] = ()) -> Iterator[epath.P
                 if (path.parent / name).is_file():
                     (path.parent / name).copy(local.parent / name)
         yield local
+
+
+ENV_CACHE = "CLIPUP_CACHE_DIR"
+
+
+def cache_directory() -> epath.Path:
+    """Where `staged` keeps its local copies: ``CLIPUP_CACHE_DIR``, else ``$XDG_CACHE_HOME/clipup`` (``~/.cache``)."""
+    if os.environ.get(ENV_CACHE):
+        return epath.Path(os.environ[ENV_CACHE])
+    return epath.Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "clipup"
+
+
+def staged(path: PathLike) -> epath.Path:
+    """`path` as a local file for a reader that takes local files only (array_record): itself when local; else a
+    copy in `cache_directory()/staged`, downloaded whole on first use (not streaming: it costs local disk the
+    file's size) and reused while the object is unchanged (the copy's name carries its generation). Processes
+    sharing the cache each download to a name of their own and rename it into place, so none reads a partial copy."""
+    import fsspec
+
+    path = as_path(path)
+    if not is_remote(path):
+        return path
+    fs, name = fsspec.core.url_to_fs(os.fspath(path))
+    info = fs.info(name)
+    version = info.get("generation") or info.get("md5Hash") or info.get("etag") or info.get("size")
+    key = hashlib.sha256(f"{path}\n{version}".encode()).hexdigest()[:16]
+    local = cache_directory() / "staged" / f"{key}-{path.name}"
+    if not local.exists():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f"{local.name}.partial-{os.getpid()}-{threading.get_ident()}")
+        try:
+            fs.get_file(name, os.fspath(partial))
+            os.replace(partial, local)
+        finally:
+            partial.unlink(missing_ok=True)
+    return local
 
 
 def remove_tree(path: PathLike) -> None:

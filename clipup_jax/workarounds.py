@@ -27,11 +27,21 @@ before the first thread, so only the long-running entry points (clipup-train, cl
    stay in flight in non-daemon executor threads (TensorStore retries a dead GCS endpoint for many minutes), and
    Python's exit joins them: `clipup-train` hung after printing its error. `exit_abandoning_threads()` ends the
    process without joining them; `clipup-train` calls it after a failed save, nothing else does.
+5. **A lost peer process: JAX's only hook crashes** (jaxlib 0.10.2): when a process of a multi-process run dies
+   (`kill -9`, a crash), JAX's distributed client calls its missed-heartbeat callback, whose default `LOG(QFATAL)`s
+   a paragraph that names the lost task on a line of its own; `jax.distributed.initialize` takes no callback, and
+   one passed to the client it builds (`_jax.get_distributed_runtime_client(missed_heartbeat_callback=...)`)
+   aborts the process with `std::bad_cast` when called (the `absl::Status` argument has no Python conversion).
+   So `PeerWatch` watches the peers itself: every process holds a TCP connection to process 0, which the kernel
+   closes the moment its process dies; process 0 tells the others which one went, and each says so in one line
+   and exits (`parallel/distributed.py`). A clean exit says goodbye first. JAX's heartbeat stays the backstop for
+   a host that vanishes without closing its connections.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import ctypes
 import functools
 import os
@@ -153,3 +163,92 @@ def exit_abandoning_threads(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# --- 5. a lost peer process -------------------------------------------------------------------------------------
+
+class PeerWatch:
+    """Process `me` of `count` watches the others (see 5.): `on_lost(who)` is called, from a thread, with the lost
+    process named ("process 1", "the coordinator (process 0)"); it must end the process. `publish(port)` and
+    `lookup() -> port` share process 0's listening port (JAX's key-value store); `host` is process 0's host."""
+
+    KEY = "clipup/peer_watch_port"
+
+    def __init__(self, me: int, count: int, host: str, publish: Callable[[int], None], lookup: Callable[[], int],
+                 on_lost: Callable[[str], None], keepalive_s: int = 30) -> None:
+        import atexit
+        import socket
+
+        self.me, self._on_lost, self._keepalive_s = me, on_lost, keepalive_s
+        self._conns: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._closing = False
+        if me == 0:
+            server = socket.create_server(("", 0))
+            publish(server.getsockname()[1])
+            threading.Thread(target=self._accept, args=(server, count - 1), daemon=True).start()
+        else:
+            conn = socket.create_connection((host, lookup()), timeout=60)
+            conn.settimeout(None)
+            conn.sendall(f"hello {me}\n".encode())
+            self._keepalive(conn)
+            self._conns[0] = conn
+            threading.Thread(target=self._read, args=(0, conn), daemon=True).start()
+        atexit.register(self.close)
+
+    def _keepalive(self, conn: Any) -> None:
+        import socket
+
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", self._keepalive_s // 3), ("TCP_KEEPINTVL", self._keepalive_s // 3),
+                            ("TCP_KEEPCNT", 2)):
+            if hasattr(socket, name):  # Linux; elsewhere the system's defaults
+                conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), max(1, value))
+
+    def _accept(self, server: Any, expected: int) -> None:
+        for _ in range(expected):
+            conn, _ = server.accept()
+            lines = conn.makefile("r")
+            hello = lines.readline().split()
+            if len(hello) != 2 or hello[0] != "hello":
+                conn.close()
+                continue
+            self._keepalive(conn)
+            with self._lock:
+                self._conns[int(hello[1])] = conn
+            threading.Thread(target=self._read, args=(int(hello[1]), conn, lines), daemon=True).start()
+        server.close()
+
+    def _read(self, peer: int, conn: Any, lines: Any = None) -> None:
+        try:
+            for line in lines or conn.makefile("r"):
+                word, _, arg = line.strip().partition(" ")
+                if word == "bye":
+                    with self._lock:
+                        self._conns.pop(peer, None)
+                    return
+                if word == "lost":  # process 0 lost another process
+                    return self._lost(f"process {arg}")
+        except OSError:
+            pass
+        if not self._closing:
+            self._lost(f"process {peer}" if self.me == 0 else "the coordinator (process 0)")
+
+    def _lost(self, who: str) -> None:
+        with self._lock:
+            others = [c for c in self._conns.values()]
+        if self.me == 0:
+            for conn in others:  # the rest learn who it was before this process goes
+                with contextlib.suppress(OSError):
+                    conn.sendall(f"lost {who.split()[-1]}\n".encode())
+        self._on_lost(who)
+
+    def close(self) -> None:
+        """Says goodbye (a clean exit: atexit)."""
+        self._closing = True
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.sendall(b"bye\n")
+                conn.close()

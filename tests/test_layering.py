@@ -14,7 +14,7 @@ PACKAGE = pathlib.Path(__file__).parents[1] / "clipup_jax"
 ALLOWED = {
     "data": {"storage"},
     "models": {"config", "parallel"},
-    "parallel": {"config", "models", "storage"},
+    "parallel": {"config", "models", "storage", "workarounds"},
     "checkpoints": {"config", "data", "models", "storage"},
     "evaluate": {"config", "data", "models"},
     "train": {"config", "data", "models", "parallel", "checkpoints", "evaluate", "workarounds", "storage"},

@@ -3,7 +3,10 @@ problem is fixed (then delete the work-around). The malloc arena cap's own tests
 
 TensorStore's `to_json` plug: same answers as TensorStore's own method, and checkpoint saves that do not leak
 memory per array (the leak made a long run's host memory grow with every save). grain's absl flags: a worker
-pipeline fails without the work-around and runs with it, in a fresh process (flags unparsed)."""
+pipeline fails without the work-around and runs with it, in a fresh process (flags unparsed). A lost peer: JAX's
+client still aborts (std::bad_cast) when its Python missed-heartbeat callback would be called, and `PeerWatch`
+names a lost process to every other one and lets a clean exit go (the real `kill -9`:
+tests/parallel/test_multiprocess.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import gc
 import os
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +122,74 @@ def test_grain_workers_start_in_a_program_without_absl_app():
         f"grain {grain.__version__} starts workers with unparsed absl flags now: delete the work-around")
     with_it = _grain(apply=True)
     assert with_it.returncode == 0 and with_it.stdout.strip() == str(list(range(8))), with_it.stderr[-2000:]
+
+
+
+LOST_PEER = """
+import socket, threading, time
+from jax._src.lib import _jax
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+service = _jax.get_distributed_runtime_service(f"[::]:{port}", 2, heartbeat_timeout=2)
+survivor = _jax.get_distributed_runtime_client(f"127.0.0.1:{port}", 0, init_timeout=60, heartbeat_timeout=2,
+                                               missed_heartbeat_callback=lambda status: print("CALLED", status))
+victim = _jax.get_distributed_runtime_client(f"127.0.0.1:{port}", 1, init_timeout=60, heartbeat_timeout=2,
+                                             shutdown_on_destruction=False)
+threads = [threading.Thread(target=c.connect) for c in (survivor, victim)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+del victim, threads  # process 1's client goes without a word: its heartbeats stop
+time.sleep(30)
+print("NOT CALLED")
+"""
+
+
+def test_jax_lost_peer_callback_still_crashes():
+    """A Python missed-heartbeat callback aborts the process (std::bad_cast) instead of being called: when it is
+    called, pass it to JAX's client and delete `PeerWatch`. (JAX's default aborts too, in a paragraph.)"""
+    run = subprocess.run([sys.executable, "-c", LOST_PEER], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert "CALLED" not in run.stdout, f"jaxlib calls a Python missed_heartbeat_callback now: {run.stdout[-500:]}"
+    assert run.returncode == -6 and "bad_cast" in run.stderr, run.stdout[-2000:] + run.stderr[-2000:]
+
+
+def _watches(count: int, lost: list):
+    ports = []
+    host = "127.0.0.1"
+    watches = [workarounds.PeerWatch(0, count, host, ports.append, None, lambda who: lost.append((0, who)))]
+    watches += [workarounds.PeerWatch(i, count, host, None, lambda: ports[0], lambda who, i=i: lost.append((i, who)))
+                for i in range(1, count)]
+    return watches
+
+
+def _settle(lost: list, n: int, timeout_s: float = 10.0) -> list:
+    deadline = time.monotonic() + timeout_s
+    while len(lost) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # nothing more arrives
+    return sorted(lost)
+
+
+def test_peer_watch_names_the_lost_process_to_every_other_and_lets_a_clean_exit_go():
+    import socket
+
+    lost: list = []
+    watches = _watches(3, lost)
+    time.sleep(0.5)  # process 0 has accepted both
+    watches[1]._closing = True  # (the dead process's own reader says nothing)
+    watches[1]._conns[0].shutdown(socket.SHUT_RDWR)  # process 1 dies: its connection closes without a goodbye
+    assert _settle(lost, 2) == [(0, "process 1"), (2, "process 1")]
+    lost.clear()
+    watches = _watches(2, lost)
+    time.sleep(0.5)
+    watches[0]._closing = True
+    watches[0]._conns[1].shutdown(socket.SHUT_RDWR)  # process 0 dies
+    assert _settle(lost, 1) == [(1, "the coordinator (process 0)")]
+    lost.clear()
+    watches = _watches(2, lost)
+    time.sleep(0.5)
+    watches[1].close()  # clean exits: a goodbye each, nobody lost
+    watches[0].close()
+    assert _settle(lost, 1, timeout_s=1.0) == []

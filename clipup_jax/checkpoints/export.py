@@ -8,18 +8,17 @@ a merges file) are copied beside the weights when it has them: `CLIPTokenizer` r
 loader reads neither (without `hf_tokenizer_name` it uses its bundled CLIP BPE, the one OpenAI's models use).
 A model the target cannot express (MoE towers, big_vision's cls-less pooling or biases, ...) is refused naming the
 field; LayerScale was folded into the weights at import, so such a model exports without it, computing the same.
-The output directory is written whole or not at all (`atomic_directory`).
+The output directory is written whole or not at all (`atomic_directory`; on gs:// its config file, which a
+loader reads first, is written last).
 """
 
 from __future__ import annotations
 
 import json
-import pathlib
-import shutil
 from typing import Any, Callable
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
 from clipup_jax.checkpoints import hf, openai
 from clipup_jax.checkpoints.errors import CheckpointError
@@ -27,6 +26,7 @@ from clipup_jax.checkpoints.format import Checkpoint, atomic_directory, check_ou
 from clipup_jax.config import ModelConfig
 from clipup_jax.data.image_ops import CLIP_MEAN, CLIP_STD
 from clipup_jax.data.tokenizer import source_files
+from clipup_jax.storage import Path, PathLike, as_path
 
 FORMATS = ("hf", "open_clip")
 _NAMES = {"hf": "Hugging Face's CLIPModel", "open_clip": "open_clip's CLIP"}
@@ -130,36 +130,40 @@ def open_clip_config(cfg: ModelConfig) -> dict[str, Any]:
                                "resize_mode": "shortest"}}
 
 
-def export(ckpt: Checkpoint, out: str | pathlib.Path, to: str, force: bool = False) -> list[str]:
-    """Writes `ckpt` at `out` in format `to` (one of `FORMATS`); returns the names of the files written."""
+def export(ckpt: Checkpoint, out: PathLike, to: str, force: bool = False) -> list[str]:
+    """Writes `ckpt` at `out` (local or gs://) in format `to` (one of `FORMATS`); returns the names of the files
+    written."""
     if to not in FORMATS:
         raise CheckpointError(f"unknown export format {to!r}; expected one of {', '.join(FORMATS)}")
-    out = pathlib.Path(out)
+    out = as_path(out)
     check_exportable(ckpt.config, str(ckpt.path), to)
     check_output(out, force)  # before the tensors are converted
     tensors = openai.to_state_dict(ckpt.config, ckpt.params)
-    writers: dict[str, Callable[[pathlib.Path], None]]
+    writers: dict[str, Callable[[Path], None]]
     if to == "hf":
-        writers = {"config.json": _json(hf_config(ckpt.config)),
+        config = "config.json"
+        writers = {config: _json(hf_config(ckpt.config)),
                    "model.safetensors": _safetensors(hf.from_openai_layout(tensors))}
     else:
-        writers = {openai.OPEN_CLIP_CONFIG: _json(open_clip_config(ckpt.config)),
+        config = openai.OPEN_CLIP_CONFIG
+        writers = {config: _json(open_clip_config(ckpt.config)),
                    "open_clip_model.safetensors": _safetensors(tensors)}
     tokenizer = ckpt.tokenizer_path
     for f in source_files(tokenizer) if tokenizer is not None else []:
-        writers[f.name] = lambda path, f=f: shutil.copyfile(f, path)
+        writers[f.name] = lambda path, f=as_path(f): path.write_bytes(f.read_bytes())  # across stores
 
-    def write(directory: pathlib.Path) -> None:
+    def write(directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
         for name, writer in writers.items():
             writer(directory / name)
 
-    atomic_directory(out, force, write)
+    atomic_directory(out, force, write, last=(config,))
     return list(writers)
 
 
-def _json(data: dict) -> Callable[[pathlib.Path], None]:
+def _json(data: dict) -> Callable[[Path], None]:
     return lambda path: path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _safetensors(tensors: dict[str, np.ndarray]) -> Callable[[pathlib.Path], None]:
-    return lambda path: save_file(tensors, str(path), metadata={"format": "pt"})  # as torch's writer tags it
+def _safetensors(tensors: dict[str, np.ndarray]) -> Callable[[Path], None]:
+    return lambda path: path.write_bytes(save(tensors, metadata={"format": "pt"}))  # as torch's writer tags it

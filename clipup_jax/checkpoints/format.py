@@ -27,7 +27,7 @@ import pathlib
 import shutil
 import time
 import uuid
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -153,12 +153,14 @@ def check_output(out: PathLike, force: bool) -> None:
         raise CheckpointError(f"{existing}: is not a directory, so {out} cannot be made below it")
 
 
-def atomic_directory(out: PathLike, force: bool, fill: Callable[[Path], None]) -> None:
+def atomic_directory(out: PathLike, force: bool, fill: Callable[[Path], None],
+                     last: Sequence[str] = (METADATA_FILE,)) -> None:
     """Runs `fill(tmp)` and renames `tmp` to `out`, making `out`'s missing parent directories; on any error
-    nothing is left behind (the parents it made included). On an object store see `_publish`."""
+    nothing is left behind (the parents it made included). On an object store see `_publish` (`last`: the files
+    a reader looks for first, written after all others there)."""
     check_output(out, force)
     if is_remote(out):
-        return _publish(as_path(out), fill)
+        return _publish(as_path(out), fill, last)
     out = pathlib.Path(out)
     tag = uuid.uuid4().hex[:8]
     tmp = out.parent / f".{out.name}.tmp-{tag}"
@@ -183,19 +185,20 @@ def atomic_directory(out: PathLike, force: bool, fill: Callable[[Path], None]) -
         raise
 
 
-def _publish(out: Path, fill: Callable[[Path], None]) -> None:
+def _publish(out: Path, fill: Callable[[Path], None], last: Sequence[str]) -> None:
     """`atomic_directory` on an object store, which cannot rename a directory: `fill` writes a temporary sibling
-    prefix, which is then copied to `out` with `clipup.json` last (a replaced `out` loses its `clipup.json`
-    first). A reader needs `clipup.json`, so it never takes a partial `out` for a checkpoint; a failure removes
-    the temporary prefix and any partial `out`."""
+    prefix, which is then copied to `out` with the `last` files (a checkpoint's `clipup.json`, an export's config)
+    last (a replaced `out` loses them first). A reader needs them, so it never takes a partial `out` for a
+    checkpoint; a failure removes the temporary prefix and any partial `out`."""
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         fill(tmp)
         if out.exists():
-            (out / METADATA_FILE).unlink(missing_ok=True)  # from here on `out` is no checkpoint until it is whole
+            for name in last:  # from here on `out` is no checkpoint until it is whole
+                (out / name).unlink(missing_ok=True)
             remove_tree(out)
         try:
-            copy_tree(tmp, out, last=(METADATA_FILE,))
+            copy_tree(tmp, out, last=last)
         except BaseException:
             remove_tree(out)
             raise

@@ -46,10 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--ln-eps", type=float, help="LayerNorm epsilon when the source cannot say")
     imp.add_argument("--force", action="store_true", help="replace an existing --out")
     exp = sub.add_parser("export", help="write a dense checkpoint as a Hugging Face or open_clip model directory")
-    exp.add_argument("checkpoint", type=pathlib.Path, help="a clipup checkpoint dir or training workdir")
+    exp.add_argument("checkpoint", type=as_path, help="a clipup checkpoint dir or training workdir")
     exp.add_argument("--to", choices=FORMATS, required=True,
                      help="the format: hf (transformers CLIPModel) or open_clip (its hub layout)")
-    exp.add_argument("--out", type=pathlib.Path, required=True)
+    exp.add_argument("--out", type=as_path, required=True)
     exp.add_argument("--force", action="store_true", help="replace an existing --out")
     ins = sub.add_parser("inspect", help="print a checkpoint's config, parameter counts and FLOPs")
     ins.add_argument("checkpoint", type=as_path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 import time
 from typing import Iterator
@@ -15,7 +14,7 @@ from clipup_jax.checkpoints.params import model_from_params
 from clipup_jax.cli.errors import Parser, run_cli
 from clipup_jax.data.image_ops import list_images, load_image
 from clipup_jax.evaluate.embedding import Embedder, chunks
-from clipup_jax.storage import Path, as_path  # every path local or gs:// (images: local files)
+from clipup_jax.storage import Path, as_path  # every path local or gs://
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=as_path, required=True)
     images = parser.add_mutually_exclusive_group()
     images.add_argument("--pixels", type=as_path, help="float32 (N, H, W, 3) normalised model input, .npy")
-    images.add_argument("--images", type=pathlib.Path, nargs="+", help="image files and/or directories of images")
+    images.add_argument("--images", type=as_path, nargs="+", help="image files and/or directories of images")
     texts = parser.add_mutually_exclusive_group()
     texts.add_argument("--tokens", type=as_path, help="int32 (N, L) token ids, .npy")
     texts.add_argument("--texts", type=as_path, help="text file, one caption per line")
@@ -62,7 +61,7 @@ def _captions(path: Path) -> list[str]:
     return lines
 
 
-def _image_batches(paths: list[pathlib.Path], size: int, batch: int) -> Iterator[np.ndarray]:
+def _image_batches(paths: list[Path], size: int, batch: int) -> Iterator[np.ndarray]:
     for start in range(0, len(paths), batch):
         yield np.stack([load_image(p, size) for p in paths[start:start + batch]])
 

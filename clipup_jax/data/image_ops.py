@@ -7,11 +7,12 @@ eval names it: `RESIZE_MODES`, open_clip's names for them.
 
 from __future__ import annotations
 
-import pathlib
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from clipup_jax.storage import Path, PathLike, as_path
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -52,10 +53,11 @@ def preprocess(image: Image.Image, size: int, resize: str = "shortest") -> np.nd
     return (pixels - CLIP_MEAN) / CLIP_STD
 
 
-def list_images(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
-    """Image files named directly, plus those in named directories (sorted, so rows are reproducible)."""
-    out: list[pathlib.Path] = []
-    for p in map(pathlib.Path, paths):
+def list_images(paths: Sequence[PathLike]) -> list[Path]:
+    """Image files named directly, plus those in named directories (sorted, so rows are reproducible); local or
+    gs://."""
+    out: list[Path] = []
+    for p in map(as_path, paths):
         if p.is_dir():
             out.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))
         elif p.is_file():
@@ -67,9 +69,9 @@ def list_images(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
     return out
 
 
-def load_image(path: pathlib.Path, size: int) -> np.ndarray:
+def load_image(path: PathLike, size: int) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with as_path(path).open("rb") as f, Image.open(f) as image:
             return preprocess(image, size)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot decode image ({e})") from e

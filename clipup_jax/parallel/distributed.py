@@ -15,6 +15,12 @@ Where the process and its peers come from, first match wins:
 On CPU, cross-process collectives use gloo (``jax_cpu_collectives_implementation``); ``local_device_count`` sets
 ``jax_num_cpu_devices`` (the config form of ``--xla_force_host_platform_device_count``). Both must be set before
 the backend starts, so this raises a clear error when devices were already touched. Calling it again is a no-op.
+
+A process that dies (``kill -9``, a crash) is noticed by the others at once (its connection to process 0 closes:
+`workarounds.PeerWatch`): each prints one line naming the lost process and exits with status 3, whatever it was
+blocked in (a collective, a checkpoint barrier), instead of waiting on it; relaunching every process resumes
+from the latest complete checkpoint. A host that vanishes without closing its connections is noticed after
+``CLIPUP_HEARTBEAT_TIMEOUT`` seconds (default 30; JAX's own default is 100): TCP keepalive, and JAX's heartbeat.
 """
 
 from __future__ import annotations
@@ -23,19 +29,27 @@ import glob
 import importlib.util
 import os
 import socket
+import sys
 import time
+from typing import Callable
 
 import jax
+
+from clipup_jax import workarounds
 
 ENV_COORDINATOR = "CLIPUP_COORDINATOR"
 ENV_NUM_PROCESSES = "CLIPUP_NUM_PROCESSES"
 ENV_PROCESS_ID = "CLIPUP_PROCESS_ID"
 ENV_LOCAL_DEVICE_COUNT = "CLIPUP_LOCAL_DEVICE_COUNT"
 ENV_TIMEOUT = "CLIPUP_INIT_TIMEOUT"  # seconds to wait for the coordinator and peers
+ENV_HEARTBEAT = "CLIPUP_HEARTBEAT_TIMEOUT"  # seconds without heartbeats after which a process counts as lost
 
 DEFAULT_TIMEOUT_S = 300
+DEFAULT_HEARTBEAT_S = 30
+LOST_PEER_EXIT = 3
 
 _done: dict | None = None  # the arguments of the call that did the work
+_watch: workarounds.PeerWatch | None = None  # this process's watch on its peers (multi-process)
 
 
 def _backends_started() -> bool:
@@ -93,10 +107,32 @@ def _wait_for_coordinator(coordinator: str, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
+def _exit_on_lost_peer(me: int, count: int) -> Callable[[str], None]:
+    def lost(who: str) -> None:
+        print(f"clipup: error: process {me} of {count} lost {who} (its connection closed: killed or crashed); "
+              "exiting: relaunch every process to resume from the latest complete checkpoint",
+              file=sys.stderr, flush=True)
+        workarounds.exit_abandoning_threads(LOST_PEER_EXIT)  # threads blocked on the lost peer are not joined
+
+    return lost
+
+
+def _watch_peers(heartbeat_s: int, timeout_s: int) -> workarounds.PeerWatch:
+    from jax._src import distributed as jax_distributed  # the client and who we are: no public accessor
+
+    state = jax_distributed.global_state
+    client, key = state.client, workarounds.PeerWatch.KEY
+    return workarounds.PeerWatch(
+        state.process_id, state.num_processes, state.coordinator_address.rpartition(":")[0].strip("[]"),
+        publish=lambda port: client.key_value_set(key, str(port)),
+        lookup=lambda: int(client.blocking_key_value_get(key, timeout_s * 1000)),
+        on_lost=_exit_on_lost_peer(state.process_id, state.num_processes), keepalive_s=heartbeat_s)
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
                local_device_count: int | None = None, *, timeout_s: int | None = None) -> None:
     """Joins this process to the multi-controller runtime (see module doc); a no-op for one process."""
-    global _done
+    global _done, _watch
     if _done is not None or jax.distributed.is_initialized():
         return
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
@@ -105,6 +141,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if local_device_count is None:
         local_device_count = _env_int(ENV_LOCAL_DEVICE_COUNT)
     timeout_s = timeout_s if timeout_s is not None else (_env_int(ENV_TIMEOUT) or DEFAULT_TIMEOUT_S)
+    heartbeat_s = _env_int(ENV_HEARTBEAT) or DEFAULT_HEARTBEAT_S
 
     explicit = coordinator is not None or num_processes is not None or process_id is not None
     if explicit:
@@ -139,9 +176,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                 if process_id != 0:
                     _wait_for_coordinator(coordinator, timeout_s)
                 jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                           process_id=process_id, initialization_timeout=timeout_s)
+                                           process_id=process_id, initialization_timeout=timeout_s,
+                                           heartbeat_timeout_seconds=heartbeat_s)
             else:
-                jax.distributed.initialize(initialization_timeout=timeout_s)
+                jax.distributed.initialize(initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_s)
+            _watch = _watch_peers(heartbeat_s, timeout_s)
         except TimeoutError:
             raise
         except Exception as e:  # noqa: BLE001 - re-raised with who we were waiting for

@@ -1,6 +1,7 @@
-"""clipup-convert import | upcycle | inspect, clipup-embed and clipup-eval with every path on gs:// (the emulator):
-sources, outputs, tokenizer, pixels and captions all in the bucket; the checkpoints are published whole (no
-temporary prefix left, `clipup.json` present) and embed as their local counterparts do."""
+"""clipup-convert import | upcycle | inspect | export, clipup-embed and clipup-eval with every path on gs:// (the
+emulator): sources, outputs, tokenizer, pixels, captions and image files all in the bucket; the checkpoints are
+published whole (no temporary prefix left, `clipup.json` present), exports are byte for byte the local ones, and
+both embed as their local counterparts do."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from clipup_jax.checkpoints.format import METADATA_FILE, atomic_directory, load_
 from clipup_jax.cli.convert import main as convert
 from clipup_jax.cli.embed import main as embed
 from clipup_jax.cli.eval import main as evaluate
+from clipup_jax.cli.sweep import main as sweep
 from clipup_jax.storage import copy_tree, files_under
 from tests.cli.test_upcycle_cli import FLAGS, setup  # noqa: F401 (the fixture: an HF CLIP, tokenizer, inputs)
 from tests.cli_helpers import invoke
+from tests.data.test_sources import jpeg
 from tests.gcs_emulator import gcs_bucket  # noqa: F401 (the fixture)
 from tests.numerics import assert_close, reduction_bound
 from tests.train.test_preemption import ROOT
@@ -77,3 +80,41 @@ def test_a_failed_write_to_gcs_leaves_neither_output_nor_temporary_prefix(gcs_bu
     with pytest.raises(OSError, match="disk gone"):  # the old checkpoint is kept when the new one fails
         atomic_directory(bucket / "out", True, lambda tmp: fill(tmp, True))
     assert (bucket / "out" / METADATA_FILE).exists()
+
+
+def test_export_and_embed_images_on_gcs_equal_their_local_runs(setup, gcs_bucket, tmp_path, capsys):  # noqa: F811
+    bucket = epath.Path(gcs_bucket)
+    code, out, err = invoke(convert, ["import", "--from", "hf", setup / "hf", "--out", tmp_path / "dense"], capsys)
+    assert code == 0, err
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        (tmp_path / "images" / f"{i}.jpg").write_bytes(jpeg(60 * i + 20))
+    copy_tree(tmp_path / "dense", bucket / "dense")
+    copy_tree(tmp_path / "images", bucket / "images")
+    for to in ("hf", "open_clip"):
+        for ckpt, result in ((tmp_path / "dense", tmp_path / to), (bucket / "dense", bucket / "export" / to)):
+            code, out, err = invoke(convert, ["export", ckpt, "--to", to, "--out", result], capsys)
+            assert code == 0, err
+        want = {f.name: f.read_bytes() for f in files_under(tmp_path / to)}
+        assert {f.name: f.read_bytes() for f in files_under(bucket / "export" / to)} == want, to
+    features = []
+    for ckpt, images, result in ((tmp_path / "dense", tmp_path / "images", tmp_path / "images.npz"),
+                                 (bucket / "dense", bucket / "images", bucket / "images.npz")):
+        code, out, err = invoke(embed, ["--checkpoint", ckpt, "--images", images, "--out", result], capsys)
+        assert code == 0, err
+        with result.open("rb") as f:
+            features.append(dict(np.load(f)))
+    np.testing.assert_array_equal(features[1]["image_features"], features[0]["image_features"])
+    assert list(features[1]["image_paths"]) == [f"{bucket}/images/{i}.jpg" for i in range(3)]
+    assert not [p for p in files_under(bucket) if ".tmp-" in str(p)]
+
+
+def test_a_sweep_on_a_bucket_is_refused_naming_it_not_run_locally(tmp_path, monkeypatch, capsys):
+    """clipup-sweep takes local workdirs only: its `pathlib.Path` makes gs://b/s into gs:/b/s, which every run's
+    check refuses in one line naming the URL, before anything is written (not a local ./gs: directory)."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = invoke(sweep, [ROOT / "experiments" / "sweeps" / "clipup_demo_ablations.py", "--workdir",
+                                    "gs://bucket/sweep", "--dry-run"], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("clipup-sweep: error: "), err
+    assert "gs://bucket/sweep/" in err and "takes local paths only" in err, err
+    assert not list(tmp_path.iterdir())

@@ -1,6 +1,8 @@
 """One process of the multi-process training test (tests/parallel/test_multiprocess.py), and its config file.
 
-    python multiprocess_worker.py WORKDIR STEPS TOKENIZER   # with CLIPUP_COORDINATOR/_NUM_PROCESSES/_PROCESS_ID
+    python multiprocess_worker.py WORKDIR STEPS TOKENIZER [--config.X=Y ...]   # with CLIPUP_COORDINATOR/... env
+
+WORKDIR is local or gs://; each process writes its `rows_<process>.json` to its working directory.
 
 It goes through `clipup-train` (`clipup_jax.cli.train.main`) with this file as the experiment config; so does the
 test's one-process reference (`train`, called in the test's own 8-device process).
@@ -49,11 +51,11 @@ def _row_owners(out: pathlib.Path) -> None:
          "contiguous": sum(b - a for a, b in rows) == hi - lo}))
 
 
-def train(workdir: pathlib.Path, steps: int, tokenizer: pathlib.Path) -> None:
+def train(workdir, steps: int, tokenizer: pathlib.Path, overrides: tuple[str, ...] = ()) -> None:
     from clipup_jax.cli.train import main as train_main
 
     argv = ["--config", __file__, "--workdir", str(workdir), f"--config.total_steps={steps}",
-            f"--config.data.tokenizer={tokenizer}"]
+            f"--config.data.tokenizer={tokenizer}", *overrides]
     try:
         train_main(argv)  # calls clipup_jax.parallel.distributed.initialize() (a no-op without CLIPUP_* env)
     except SystemExit as e:
@@ -63,11 +65,10 @@ def train(workdir: pathlib.Path, steps: int, tokenizer: pathlib.Path) -> None:
 
 def main() -> None:
     workdir, steps, tokenizer = sys.argv[1:4]
-    workdir = pathlib.Path(workdir)
-    train(workdir, int(steps), pathlib.Path(tokenizer))
+    train(workdir, int(steps), pathlib.Path(tokenizer), tuple(sys.argv[4:]))
     import jax
 
-    _row_owners(workdir.parent)
+    _row_owners(pathlib.Path.cwd())
     print(f"worker done: process {jax.process_index()}/{jax.process_count()} devices {jax.device_count()}",
           flush=True)
     jax.distributed.shutdown()

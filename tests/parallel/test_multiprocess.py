@@ -1,6 +1,9 @@
 """Multi-host for real: 2 local processes (4 CPU devices each, gloo collectives, explicit coordinator) train a
 tiny sparse CLIP with expert parallelism (mesh data=2 x expert=4 over the 8 global devices) through
-`clipup-train`, checkpoint, and resume in a second launch; the params and losses equal one process with 8 devices.
+`clipup-train`, checkpoint, and resume in a second launch; the params and losses equal one process with 8 devices,
+with the workdir on local disk and in a gs:// bucket (the loopback emulator, found by both processes through the
+standard variables). One process `kill -9`ed: the other exits within a minute naming it, and a relaunch of both
+ends bitwise where an uninterrupted two-process run ends.
 
 The reference is a plain `clipup-train` run of the same config in the test's own 8-device process, while the two
 processes run: each process reads its rows of the one global stream (rows [8p, 8p+8) of every batch of 16, which
@@ -18,10 +21,15 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from clipup_jax.checkpoints.format import load_checkpoint
+from clipup_jax.parallel.distributed import LOST_PEER_EXIT
+from clipup_jax.storage import as_path
 from tests.cli_helpers import xla_flags
+from tests.gcs_emulator import gcs_bucket  # noqa: F401 (the fixture)
 from tests.numerics import U32, assert_close, reduction_bound
+from tests.train.test_gcs_workdir import _complete_steps
 
 WORKER = pathlib.Path(__file__).with_name("multiprocess_worker.py")
 REPO = WORKER.parents[2]
@@ -73,29 +81,48 @@ def _wait(procs: list[tuple[subprocess.Popen, pathlib.Path]]) -> None:
     assert not failed, "\n\n".join(f"{log.name} exited {rc}:\n" + log.read_text()[-3000:] for rc, log in failed)
 
 
-def _multi(workdir: pathlib.Path, steps: int, tokenizer: pathlib.Path, tag: str):
+def _multi(workdir, steps: int, tokenizer: pathlib.Path, tag: str, logs: pathlib.Path, overrides=(), **env: str):
+    """The two processes' jobs: workdir local or gs://, logs (and each process's rows file) in local `logs`."""
     port = str(_free_port())
-    return [([str(workdir), str(steps), str(tokenizer)],
+    return [([str(workdir), str(steps), str(tokenizer), *overrides],
              _env(CLIPUP_COORDINATOR=f"127.0.0.1:{port}", CLIPUP_NUM_PROCESSES="2", CLIPUP_PROCESS_ID=str(i),
-                  CLIPUP_LOCAL_DEVICE_COUNT="4", CLIPUP_INIT_TIMEOUT="600"),
-             workdir.parent / f"{tag}_{i}.log") for i in range(2)]
+                  CLIPUP_LOCAL_DEVICE_COUNT="4", CLIPUP_INIT_TIMEOUT="600", **env),
+             logs / f"{tag}_{i}.log") for i in range(2)]
 
 
-def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path):
-    import jax
-
+def _worker_module():
     sys.path.insert(0, str(WORKER.parent))
     try:
         import multiprocess_worker
     finally:
         sys.path.remove(str(WORKER.parent))
+    return multiprocess_worker
+
+
+def _tokenizer(directory: pathlib.Path) -> pathlib.Path:
     from clipup_jax.train.run import tokenizer_for, train_source
 
-    config = multiprocess_worker.get_config()
-    tokenizer = tokenizer_for(config, tmp_path, train_source(config))  # shared, built once
-    multi, single = tmp_path / "multi", tmp_path / "single"
+    config = _worker_module().get_config()
+    return tokenizer_for(config, directory, train_source(config))  # shared, built once
 
-    first = _start(_multi(multi, 2, tokenizer, "first"))
+
+EMULATOR_VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
+
+
+@pytest.mark.parametrize("store", ["local", "gs"])
+def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path, store, request):
+    import jax
+
+    multiprocess_worker = _worker_module()
+    tokenizer = _tokenizer(tmp_path)
+    single = tmp_path / "single"
+    if store == "gs":
+        multi = as_path(request.getfixturevalue("gcs_bucket")) / "multi"
+        assert all(_env().get(k) == os.environ[k] for k in EMULATOR_VARIABLES)  # both processes see the emulator
+    else:
+        multi = tmp_path / "multi"
+
+    first = _start(_multi(multi, 2, tokenizer, "first", tmp_path))
     try:  # the reference meanwhile, here: this process has the 8 CPU devices of one host (conftest)
         assert jax.process_count() == 1 and jax.device_count() == 8
         multiprocess_worker.train(single, 4, tokenizer)
@@ -103,7 +130,7 @@ def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path):
         _wait(first)
     first = json.loads((multi / "history.json").read_text())["train"]
     assert [h["step"] for h in first] == [1, 2]
-    _wait(_start(_multi(multi, 4, tokenizer, "resume")))
+    _wait(_start(_multi(multi, 4, tokenizer, "resume", tmp_path)))
     resumed = json.loads((multi / "history.json").read_text())["train"]
     assert [h["step"] for h in resumed] == [3, 4]
     assert "resumed from" in (tmp_path / "resume_0.log").read_text()
@@ -131,6 +158,52 @@ def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path):
     for name in ref:  # plus each parameter's own rounding, one ulp of its scale per step
         allowed = moved + 2 * len(want) * U32 * np.abs(ref[name]).max()
         assert_close(got[name], ref[name], allowed, name, scale=1.0)
+
+
+def test_a_killed_process_stops_the_other_within_a_minute_and_a_relaunch_resumes_bitwise(tmp_path):
+    """Two processes save every step; process 1 is `kill -9`ed once a step is complete and training is past step 3.
+    Process 0, blocked on its lost peer, exits within 60 s (at once: the lost process's connection closes) with one
+    line naming it; relaunched, both resume from the latest complete step and end bitwise where an uninterrupted two-process run
+    (started alongside) ends."""
+    tokenizer = _tokenizer(tmp_path)
+    constant = ("--config.optim.schedule=constant", "--config.checkpoint_every=1")  # the kill's longer run: same LRs
+    straight = _start(_multi(tmp_path / "straight", 5, tokenizer, "straight", tmp_path, constant))
+    killed = tmp_path / "killed"
+    procs = _start(_multi(killed, 1000, tokenizer, "killed", tmp_path, constant, CLIPUP_HEARTBEAT_TIMEOUT="10"))
+    (survivor, log), (victim, _) = procs
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            assert survivor.poll() is None and victim.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            steps = [int(line[6:line.index("/")]) for line in log.read_text().splitlines() if line.startswith("[step ")]
+            if steps and steps[-1] >= 3 and _complete_steps(str(killed)):
+                break
+            time.sleep(0.2)
+        victim.kill()
+        lost = time.monotonic()
+        survivor.wait(timeout=300)
+        took = time.monotonic() - lost
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    output = log.read_text()
+    print(f"process 0 exited {took:.1f}s after process 1 was killed")  # pytest -rP shows it
+    assert survivor.returncode == LOST_PEER_EXIT, output[-3000:]
+    assert took < 60, took
+    lines = [line for line in output.splitlines()
+             if line.startswith("clipup: error: process 0 of 2 lost process 1 (")]
+    assert len(lines) == 1, output[-3000:]
+    latest = max(_complete_steps(str(killed)))
+    _wait(_start(_multi(killed, 5, tokenizer, "relaunch", tmp_path, constant)))
+    assert f"resumed from {killed / 'checkpoints'} at step {latest} (" in (tmp_path / "relaunch_0.log").read_text()
+    _wait(straight)
+    want, got = load_checkpoint(tmp_path / "straight"), load_checkpoint(killed)
+    assert got.metadata["step"] == want.metadata["step"] == 5
+    for name in want.params:
+        np.testing.assert_array_equal(got.params[name], want.params[name], err_msg=name)
 
 
 def test_initialize_is_a_no_op_for_one_process_and_checks_its_arguments(monkeypatch):

@@ -5,6 +5,10 @@ flax) ``{"v": 1, "key": str, "image": bin, "captions": [str | bin, ...]}``: the 
 all captions of the image (a caption that is not UTF-8 is kept as ``bin`` so the pipeline can skip and count it).
 Shards are ``data-SSSSS-of-NNNNN.array_record`` written with ``group_size:1`` (one record per chunk: the fastest
 random access), beside a ``metadata.json`` naming the format, the record count and the shards.
+
+Shards on gs:// are read from local copies (`storage.staged`: downloaded whole when the source opens, kept in
+the local cache and reused by later runs): array_record's reader takes local files only (given a gs:// path,
+array_record 0.8.6 hung on the emulator). Not streaming, then: a data set on a bucket costs its size in local disk.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import msgpack
 
 from clipup_jax.data.sources.paths import resolve_files
 from clipup_jax.data.sources.records import record
-from clipup_jax.storage import is_remote
+from clipup_jax.storage import as_path, staged
 
 FORMAT = "clipup-image-text"
 FORMAT_VERSION = 1
@@ -45,25 +49,23 @@ def decode_record(raw: bytes) -> dict:
 
 def shard_paths(pattern: str) -> list[str]:
     """A directory (all its shards), a glob or a brace pattern of shard files."""
-    if os.path.isdir(os.path.expanduser(pattern)):
-        pattern = os.path.join(os.path.expanduser(pattern), "*" + SHARD_SUFFIX)
+    directory = as_path(os.path.expanduser(pattern))
+    if directory.is_dir():
+        pattern = os.fspath(directory / ("*" + SHARD_SUFFIX))
     return resolve_files(pattern, "ArrayRecord shards")
 
 
 class ArrayRecordSource:
-    """``len``/``getitem`` over the records of all shards, decoded to pipeline records."""
+    """``len``/``getitem`` over the records of all shards (local, or on gs:// staged locally), decoded to pipeline
+    records."""
 
     def __init__(self, shards: Sequence[str]) -> None:
         import grain  # heavy import deferred so the CLI writer starts fast
 
         if not shards:
             raise ValueError("ArrayRecord source: no shards given")
-        remote = [s for s in shards if is_remote(s)]
-        if remote:  # array_record 0.8.6 reads no gs:// through the emulator variables: it hung, so refuse it
-            raise ValueError(f"ArrayRecord shard {os.fspath(remote[0])}: array_record reads local files here; copy "
-                             "the shards to local disk (or a gcsfuse mount), or stream tar shards with wds:gs://...")
         self._shards = [os.fspath(s) for s in shards]
-        self._records = grain.sources.ArrayRecordDataSource(self._shards)
+        self._records = grain.sources.ArrayRecordDataSource([os.fspath(staged(s)) for s in shards])
 
     @classmethod
     def from_pattern(cls, pattern: str) -> ArrayRecordSource:
