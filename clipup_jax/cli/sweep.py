@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING
 
 from clipup_jax.cli.errors import Parser, run_cli
+from clipup_jax.storage import Path, as_path
 from clipup_jax.train.configs import ConfigFileError, load_config, run_entry
 from clipup_jax.workarounds import cap_malloc_arenas
 
@@ -80,11 +81,11 @@ def load_sweep(path: pathlib.Path) -> Sweep:
     return sweep
 
 
-def _run_dir(workdir: pathlib.Path, arm: str, seed: int) -> pathlib.Path:
+def _run_dir(workdir: Path, arm: str, seed: int) -> Path:
     return workdir / arm / f"seed_{seed}"
 
 
-def _runs(sweep: Sweep, workdir: pathlib.Path, seeds: int) -> list[tuple[dict, list[str], Run]]:
+def _runs(sweep: Sweep, workdir: Path, seeds: int) -> list[tuple[dict, list[str], Run]]:
     """(arm, overrides, run) of every (arm, seed), arm by arm. An arm that starts from another has its init checkpoint
     among the overrides; its `run.config` leaves it out: the parent may not be trained yet."""
     from clipup_jax.train.sweep_report import Run
@@ -101,7 +102,7 @@ def _runs(sweep: Sweep, workdir: pathlib.Path, seeds: int) -> list[tuple[dict, l
     return out
 
 
-def _sweep(path: pathlib.Path, workdir: pathlib.Path, seeds: int, dry_run: bool, report: bool) -> None:
+def _sweep(path: pathlib.Path, workdir: Path, seeds: int, dry_run: bool, report: bool) -> None:
     from clipup_jax.train.run import run_experiment, use_compile_cache
     from clipup_jax.train.sweep_report import build_report, check_comparable, read_run, write_report
     from clipup_jax.train.trainer import check_config
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     cap_malloc_arenas()  # first: before any library starts a thread
     parser = Parser(prog="clipup-sweep", description=__doc__)
     parser.add_argument("sweep", type=pathlib.Path)
-    parser.add_argument("--workdir", type=pathlib.Path, required=True)
+    parser.add_argument("--workdir", type=as_path, required=True, help="local or gs://: every run's workdir is below it")
     parser.add_argument("--seeds", type=int, default=1, help="runs of every arm, with config.seed = 0 .. N-1")
     parser.add_argument("--dry-run", action="store_true", help="print the clipup-train commands only")
     parser.add_argument("--report", action="store_true",

@@ -19,7 +19,7 @@ from clipup_jax.data.pipeline import caption_corpus, calibration_batch, train_pi
 from clipup_jax.data.sources import make_source
 from clipup_jax.data.tokenizer import Tokenizer
 from clipup_jax.evaluate.run import EvalData, eval_data, evaluate
-from clipup_jax.storage import Path, PathLike, as_path
+from clipup_jax.storage import Path, PathLike, as_path, is_remote
 from clipup_jax.train import lease
 from clipup_jax.train.trainer import train
 
@@ -29,8 +29,8 @@ TOKENIZER_TEXTS = 5000  # records whose captions train the tokenizer when config
 
 def use_compile_cache(directory: Path) -> None:
     """Runs of one program (an arm's seeds) compile it once: XLA's cache in `directory`, unless the user
-    configured a cache of their own."""
-    if not jax.config.jax_compilation_cache_dir:
+    configured a cache of their own or `directory` is on a bucket (a per-run object store is no place for it)."""
+    if not jax.config.jax_compilation_cache_dir and not is_remote(directory):
         jax.config.update("jax_compilation_cache_dir", str(directory / "xla_cache"))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import ml_collections
 
 from clipup_jax.evaluate.stats import CONFIDENCE, Interval, mean_interval, paired_interval, summarize
 from clipup_jax.models.flops import train_flops
+from clipup_jax.storage import Path
 from clipup_jax.train.metrics_log import read_history
 from clipup_jax.config import model_config
 
@@ -35,7 +35,7 @@ class Run:
 
     arm: str
     seed: int
-    workdir: pathlib.Path
+    workdir: Path
     config: ml_collections.ConfigDict
 
 
@@ -163,7 +163,7 @@ def markdown(report: dict[str, Any], baseline: str, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(report: dict[str, Any], baseline: str, path: pathlib.Path) -> None:
+def figure(report: dict[str, Any], baseline: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,11 +185,12 @@ def figure(report: dict[str, Any], baseline: str, path: pathlib.Path) -> None:
                xticks=range(len(arms)))
         ax.set_xticklabels(arms, rotation=35, ha="right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with path.open("wb") as f:  # local or on a bucket
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 
-def write_report(report: dict[str, Any], baseline: str, workdir: pathlib.Path, command: str) -> list[pathlib.Path]:
+def write_report(report: dict[str, Any], baseline: str, workdir: Path, command: str) -> list[Path]:
     paths = [workdir / "report.json", workdir / "report.md", workdir / "report.png"]
     paths[0].write_text(json.dumps({"baseline": baseline, **report}, indent=2) + "\n")
     paths[1].write_text(markdown(report, baseline, command))

@@ -17,6 +17,7 @@ from clipup_jax.cli.embed import main as embed
 from clipup_jax.cli.eval import main as evaluate
 from clipup_jax.cli.sweep import main as sweep
 from clipup_jax.storage import copy_tree, files_under
+from tests.cli.test_sweep_report import CONFIG as TINY_SWEEP_CONFIG
 from tests.cli.test_upcycle_cli import FLAGS, setup  # noqa: F401 (the fixture: an HF CLIP, tokenizer, inputs)
 from tests.cli_helpers import invoke
 from tests.data.test_sources import jpeg
@@ -109,12 +110,21 @@ def test_export_and_embed_images_on_gcs_equal_their_local_runs(setup, gcs_bucket
     assert not [p for p in files_under(bucket) if ".tmp-" in str(p)]
 
 
-def test_a_sweep_on_a_bucket_is_refused_naming_it_not_run_locally(tmp_path, monkeypatch, capsys):
-    """clipup-sweep takes local workdirs only: its `pathlib.Path` makes gs://b/s into gs:/b/s, which every run's
-    check refuses in one line naming the URL, before anything is written (not a local ./gs: directory)."""
+def test_a_sweep_on_a_bucket_runs_resumes_and_reports_there(tmp_path, gcs_bucket, capsys, monkeypatch):  # noqa: F811
+    """clipup-sweep --workdir gs://...: a parent and two arms from it train in the bucket, the report is written
+    there, and a rerun finds every run finished."""
     monkeypatch.chdir(tmp_path)
-    code, out, err = invoke(sweep, [ROOT / "experiments" / "sweeps" / "clipup_demo_ablations.py", "--workdir",
-                                    "gs://bucket/sweep", "--dry-run"], capsys)
-    assert code == 2 and err.count("\n") == 1 and err.startswith("clipup-sweep: error: "), err
-    assert "gs://bucket/sweep/" in err and "takes local paths only" in err, err
-    assert not list(tmp_path.iterdir())
+    (tmp_path / "tiny.py").write_text(TINY_SWEEP_CONFIG)
+    sweep_file = tmp_path / "sweep.py"
+    sweep_file.write_text("BASE = 'tiny.py'\nBASELINE = 'b'\n\ndef get_sweep():\n    return "
+                          "[{'name': 'p', 'overrides': []}, {'name': 'b', 'overrides': [], 'from': 'p'}, "
+                          "{'name': 'c', 'overrides': ['--config.optim.lr=3e-3'], 'from': 'p'}]\n")
+    workdir = f"{gcs_bucket}/sweep"
+    code, out, err = invoke(sweep, [sweep_file, "--workdir", workdir, "--report"], capsys)
+    assert code == 0, err
+    report = json.loads(epath.Path(f"{workdir}/report.json").read_text())
+    assert [r["state"] for r in report["runs"]] == ["finished"] * 3 and list(report["differences"]) == ["c - b"]
+    assert epath.Path(f"{workdir}/report.png").stat().length > 10_000
+    assert not list(tmp_path.glob("gs:*"))  # nothing written to a local ./gs: directory
+    code, out, err = invoke(sweep, [sweep_file, "--workdir", workdir, "--report"], capsys)
+    assert code == 0 and out.count("finished earlier") == 3, err
