@@ -23,6 +23,7 @@ from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR, ITEMS, STATE_ITEM
 from clipup_jax.models.param_tree import path_shapes
 from clipup_jax.storage import Path, absolute
+from clipup_jax.train.recipes import SAVE_TIMEOUT_S
 
 class SaveFailed(CheckpointError):
     """A checkpoint (or the metrics written with it) could not be written: the store failed or filled up."""
@@ -43,7 +44,8 @@ def _data_args():
 
 
 class TrainCheckpoints:
-    def __init__(self, workdir: Path, *, keep: int, every: int, async_save: bool = True, timeout_s: int = 1200):
+    def __init__(self, workdir: Path, *, keep: int, every: int, async_save: bool = True,
+                 timeout_s: int = SAVE_TIMEOUT_S):
         """`timeout_s`: a save not complete by then fails (`SaveFailed`), so an unreachable store is an error, not
         a hang (TensorStore retries a dead GCS endpoint for many minutes)."""
         # Every `every` steps (and the last, forced): not Orbax's default extra save at a run's first step, a

@@ -7,6 +7,8 @@ import ml_collections
 from clipup_jax.config import TOWERS, ModelConfig, MoEPlan, TextConfig, VisionConfig, preset
 from clipup_jax.train.optimizer import DEFAULT_NO_DECAY
 
+SAVE_TIMEOUT_S = 1200  # config.checkpoint_timeout_s's default, and the value for configs saved before it existed
+
 # CLIP-UP's most plausible plan (shared/reference/paper.md): 8 experts, top-2, every other block of both towers.
 # Dropless at inference: no token is dropped and none pays for capacity it does not use.
 CLIPUP_PLAN = MoEPlan(layers="every_2", num_experts=8, top_k=2, capacity_factor=2.0, eval_capacity_factor=None,
@@ -75,7 +77,7 @@ def base_config(model: ModelConfig | str) -> ml_collections.ConfigDict:
     config.eval_batch_size = 256
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
-    config.checkpoint_timeout_s = 1200  # a save not done by then fails the run: an unreachable store is no hang
+    config.checkpoint_timeout_s = SAVE_TIMEOUT_S  # a save not done by then fails the run: a dead store is no hang
     config.peak_tflops_per_device = 0.0  # e.g. 989 (H100/H200 bf16 dense), 459 (TPU v5p); 0 = MFU not logged
     return config
 

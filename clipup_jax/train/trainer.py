@@ -32,6 +32,7 @@ from clipup_jax.train.checkpointing import SaveFailed, TrainCheckpoints, abstrac
 from clipup_jax.train.metrics_log import MetricsLog, scalar_metrics
 from clipup_jax.train.losses import make_contrastive_loss
 from clipup_jax.train.optimizer import make_optimizer, schedule as make_schedule, warmup_note
+from clipup_jax.train.recipes import SAVE_TIMEOUT_S
 from clipup_jax.train.health import NONFINITE_POLICIES, NonFiniteGuard
 from clipup_jax.train.step import TrainState, flops_per_step, init_state, make_train_step
 from clipup_jax.workarounds import apply as apply_workarounds, release_free_memory
@@ -108,7 +109,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: PathLike | None = N
     for field in ("total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         if not isinstance(config[field], int) or config[field] < 1:
             raise ValueError(f"config.{field}={config[field]!r}: must be an integer >= 1")
-    if config.get("checkpoint_timeout_s", 1200) < 1:
+    if config.get("checkpoint_timeout_s", SAVE_TIMEOUT_S) < 1:
         raise ValueError(f"config.checkpoint_timeout_s={config.checkpoint_timeout_s}: must be >= 1")
     if config.eval_every < 0:
         raise ValueError(f"config.eval_every={config.eval_every}: must be >= 0 (0 = never)")
@@ -227,7 +228,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, data: DataFactory, 
     with jax.set_mesh(mesh):
         # ------------------------------------------------------------ state: restore or init, never both
         checkpoints = TrainCheckpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every,
-                                       timeout_s=config.get("checkpoint_timeout_s", 1200))  # configs saved before it
+                                       timeout_s=config.get("checkpoint_timeout_s", SAVE_TIMEOUT_S))
         graphdef, tx, schedule, abstract = abstract_train_state(config)
         shardings = state_shardings(abstract, mesh, cfg)
         if main_process:  # printed, and the full table in layout.txt
