@@ -136,9 +136,9 @@ class TrainCheckpoints:
             self.manager.wait_until_finished()
 
     def close(self) -> None:
-        with self._reporting():
+        with self._reporting():  # close() waits again, on the step metadata writes too: they can fail as late
             self.manager.wait_until_finished()
-        self.manager.close()
+            self.manager.close()
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
