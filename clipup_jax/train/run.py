@@ -80,9 +80,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: PathLike) -> dict
 
 
 def _run(config: ml_collections.ConfigDict, workdir: Path, cfg: ModelConfig, source: Any) -> dict[str, Any]:
-    tokenizer_path = tokenizer_for(config, workdir, source)
-    tokenizer = Tokenizer.from_path(tokenizer_path)
-    check_tokenizer_fits(tokenizer_path, tokenizer.vocab_size, cfg)
+    tokenizer_file = tokenizer_for(config, workdir, source)
+    tokenizer = Tokenizer.from_path(tokenizer_file)
+    check_tokenizer_fits(tokenizer_file, tokenizer.vocab_size, cfg)
 
     def data(model_cfg: ModelConfig, process_index: int, process_count: int):
         pipeline = train_pipeline(
@@ -131,4 +131,4 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, cfg: ModelConfig, sou
             raise ValueError(f"{config.init.checkpoint}: upcycling it gives a model config other than config.model")
         return up.host_params()
 
-    return train(config, workdir, data=data, tokenizer=tokenizer_path, evaluate=evaluate_fn, upcycle=upcycle)
+    return train(config, workdir, data=data, tokenizer=tokenizer_file, evaluate=evaluate_fn, upcycle=upcycle)
