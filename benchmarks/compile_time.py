@@ -72,16 +72,17 @@ def _lower_grad(cfg: ModelConfig, scan: bool, remat: str, batch: int, dtype: str
     """value_and_grad of a CLIP-style loss plus the MoE aux losses, w.r.t. the parameters."""
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     model = nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0, router=1), compute, remat=remat, scan=scan))
+    model.set_attributes(records=("moe",), raise_if_not_found=False)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     v, t = cfg.vision, cfg.text
     pixels = jax.ShapeDtypeStruct((batch, v.image_size, v.image_size, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((batch, t.context_length), jnp.int32)
 
     def loss(params, rest, pixels, tokens):
-        out, intermediates = nnx.capture(lambda m: m(pixels, tokens), nnx.Intermediate)(
-            nnx.merge(graphdef, params, rest))
+        out = nnx.merge(graphdef, params, rest)(pixels, tokens)
         logits = out.logit_scale * out.image_features @ out.text_features.T
-        return -jnp.mean(jnp.diag(jax.nn.log_softmax(logits))) + moe_aux(intermediates)[0]
+        aux = moe_aux({layer: record["moe"] for layer, record in out.records.items()})
+        return -jnp.mean(jnp.diag(jax.nn.log_softmax(logits))) + aux
 
     return jax.jit(jax.value_and_grad(loss)).lower(params, rest, pixels, tokens)
 

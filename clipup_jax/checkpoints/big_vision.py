@@ -49,7 +49,7 @@ import numpy as np
 
 from clipup_jax.checkpoints.errors import CheckpointError, key_list
 from clipup_jax.checkpoints.source_keys import SourceKeys
-from clipup_jax.checkpoints.params import check_params
+from clipup_jax.checkpoints.params import from_blocks
 from clipup_jax.checkpoints.tensor_files import read_tensors
 from clipup_jax.config import ConfigError, ModelConfig, TextConfig, VisionConfig
 
@@ -254,5 +254,4 @@ def convert(src: pathlib.Path, activation: str | None = None,
                           logit_bias=bias is not None).validate()
     except ConfigError as e:
         raise keys.fail(f"inferred architecture is invalid: {e}") from e
-    check_params(out, cfg, source)
-    return cfg, out
+    return cfg, from_blocks(out, cfg, source)

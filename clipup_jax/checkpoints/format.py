@@ -2,9 +2,13 @@
 
     DIR/
       clipup.json        model config, kind, source, dtype, tokenizer location, optimizer state kind
-      params/            Orbax PyTree, keyed like the model ('visual' / 'encoder' / ... nested dicts)
+      params/            Orbax PyTree, keyed like the model ('visual' / 'encoder' / 'layers' / ... nested dicts)
       opt_state/         optional Orbax PyTree of Adam moments: {count, mu, nu}, mu/nu keyed like params/
       tokenizer/         the tokenizer files, when the source had them
+
+Format versions: 2 keeps repeated blocks stacked on a leading `layers` axis, as the model holds them
+(models/encoder.py); 1, written before 2026-12-06, kept one subtree per block (`encoder/blocks/<i>`). Version 1
+checkpoints, converted or `clipup-train` workdirs, still load: their blocks are stacked on reading.
 
 A checkpoint describes itself: `load_checkpoint(DIR)` needs no other input. DIR may be local or on an object
 store (gs://). Writes go to a sibling temporary directory made complete first, so a crash or an error never
@@ -22,6 +26,7 @@ import asyncio
 import dataclasses
 import datetime
 import io
+import itertools
 import json
 import pathlib
 import shutil
@@ -36,56 +41,19 @@ import tensorstore as ts
 
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.train_workdir import is_train_workdir, read_train_params
-from clipup_jax.checkpoints.params import check_params
+from clipup_jax.checkpoints.lazy import LazyStack
+from clipup_jax.checkpoints.params import check_params, from_blocks
 from clipup_jax.storage import Path, PathLike, absolute, as_path, copy_tree, is_remote, remove_tree
-from clipup_jax.models.param_tree import abstract_params, flatten, nest
+from clipup_jax.models.param_tree import abstract_block_params, abstract_params, flatten, nest
 from clipup_jax.config import ConfigError, ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: per-block subtrees, stacked when read
 METADATA_FILE = "clipup.json"
 PARAMS_DIR = "params"
 OPT_STATE_DIR = "opt_state"
 TOKENIZER_DIR = "tokenizer"
 STREAM_WINDOW = 4  # slices in flight while streaming: enough to keep tensorstore's writers busy
-
-
-@dataclasses.dataclass(frozen=True)
-class LazyStack:
-    """A float32 array of `shape` whose slice `i` along axis 0 is `part(i)`, made only when asked for.
-
-    Indexing (`stack[idx]`) builds only the slices `idx` covers, so
-    `jax.make_array_from_callback(stack.shape, sharding, stack.__getitem__)`
-    gives each device just its own experts.
-    """
-
-    shape: tuple[int, ...]
-    part: Callable[[int], np.ndarray]
-
-    dtype = np.dtype(np.float32)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def __getitem__(self, idx: Any) -> np.ndarray:
-        idx = idx if isinstance(idx, tuple) else (idx,)
-        head, rest = (idx[0], idx[1:]) if idx else (slice(None), ())
-        rows = range(self.shape[0])[head]
-        if isinstance(rows, int):
-            return self._part(rows)[rest]
-        block = np.empty((len(rows), *self.shape[1:]), np.float32)
-        for j, i in enumerate(rows):
-            block[j] = self._part(i)
-        return block[(slice(None), *rest)]
-
-    def _part(self, i: int) -> np.ndarray:
-        part = np.asarray(self.part(i), np.float32)
-        if part.shape != self.shape[1:]:
-            raise CheckpointError(f"slice {i} of a {self.shape} stack has shape {part.shape}")
-        return part
-
-    def materialize(self) -> np.ndarray:
-        return self[:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,8 +270,9 @@ def read_metadata(path: PathLike) -> tuple[dict[str, Any], ModelConfig]:
         metadata = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_file}: invalid JSON ({e})") from e
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_file}: format_version {metadata.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if metadata.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{meta_file}: format_version {metadata.get('format_version')!r}, expected one of "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
     try:
         config = ModelConfig.from_dict(metadata["model"])
     except (KeyError, ConfigError, TypeError) as e:
@@ -318,20 +287,26 @@ def load_checkpoint(path: PathLike, opt_state: bool = True) -> Checkpoint:
     metadata, config = read_metadata(path)
     if metadata.get("tokenizer") is not None:
         _inside(path, metadata["tokenizer"])  # validate before doing any work
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in abstract_params(config).items()}
+    per_block = metadata["format_version"] == 1
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+              for k, v in (abstract_block_params(config) if per_block else abstract_params(config)).items()}
+
+    def stacked(params: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+        check_params(params, config, what, blocks=per_block)
+        return from_blocks(params, config, what) if per_block else params
+
     if is_train_workdir(path):  # a clipup-train workdir: the latest complete step
         params, step = read_train_params(path, shapes)
-        check_params(params, config, str(path))
-        return Checkpoint(path, config, params, {**metadata, "step": step})
-    params = _read_tree(path / PARAMS_DIR, shapes, "params")
-    check_params(params, config, str(path))
+        return Checkpoint(path, config, stacked(params, str(path)), {**metadata, "step": step})
+    params = stacked(_read_tree(path / PARAMS_DIR, shapes, "params"), str(path))
     moments = None
     if opt_state and (path / OPT_STATE_DIR).exists():
         flat = _read_tree(path / OPT_STATE_DIR, {"count": jax.ShapeDtypeStruct((), np.int32),
                                                  **{f"mu/{k}": v for k, v in shapes.items()},
                                                  **{f"nu/{k}": v for k, v in shapes.items()}}, "Adam moments")
-        moments = AdamMoments(int(flat.pop("count")), {k[3:]: v for k, v in flat.items() if k.startswith("mu/")},
-                              {k[3:]: v for k, v in flat.items() if k.startswith("nu/")})
+        moments = AdamMoments(int(flat.pop("count")),
+                              stacked({k[3:]: v for k, v in flat.items() if k.startswith("mu/")}, f"{path} (Adam mu)"),
+                              stacked({k[3:]: v for k, v in flat.items() if k.startswith("nu/")}, f"{path} (Adam nu)"))
     return Checkpoint(path, config, params, metadata, moments)
 
 
@@ -392,25 +367,25 @@ class _LazyStackHandler(ocp.type_handlers.NumpyHandler):
                 dtype=value.dtype, process_index=jax.process_index() if info.is_ocdbt_checkpoint else None,
                 arg=_chunking(value))
             store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
-            rows = store.chunk_layout.write_chunk.shape[0]  # whole chunks per write: no read-modify-write
-            for start in range(0, value.shape[0], rows):
+            chunk = store.chunk_layout.write_chunk.shape  # whole chunks per write: no read-modify-write
+            for corner in itertools.product(*(range(0, n, c) for n, c in zip(value.shape, chunk))):
                 while len(pending) >= STREAM_WINDOW:
                     done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                     pending.difference_update(done)
                     for d in done:
                         d.result()
-                block = value[start] if rows == 1 else value[start:start + rows]
-                target = store[start] if rows == 1 else store[start:start + rows]
+                index = tuple(slice(start, start + c) for start, c in zip(corner, chunk))
                 pending.add(asyncio.ensure_future(_awaited(
-                    target.write(block, can_reference_source_data_indefinitely=True))))
+                    store[index].write(value[index], can_reference_source_data_indefinitely=True))))
         await asyncio.gather(*pending)
 
 
 def _chunking(value: LazyStack) -> Any:
-    """One chunk per slice when slices reach Orbax's 1 MiB chunk floor; else the whole (small) stack as one chunk."""
-    part = int(np.prod(value.shape[1:])) * value.dtype.itemsize
+    """One chunk per innermost lazy slice (an expert, also in a stacked layer) when such a slice reaches Orbax's
+    1 MiB chunk floor; else the whole (small) stack as one chunk."""
+    part = int(np.prod(value.shape[value.lazy_axes:])) * value.dtype.itemsize
     if part >= 2**20:
-        return ocp.type_handlers.SaveArgs(chunk_byte_size=part, shard_axes=(0,))
+        return ocp.type_handlers.SaveArgs(chunk_byte_size=part, shard_axes=tuple(range(value.lazy_axes)))
     return ocp.type_handlers.SaveArgs()
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import numpy as np
 
 from clipup_jax.checkpoints.errors import CheckpointError
+from clipup_jax.checkpoints.params import from_blocks, to_blocks
 from clipup_jax.checkpoints.source_keys import SourceKeys
 from clipup_jax.config import TEXT_POOLS, ConfigError, ModelConfig, TextConfig, VisionConfig, preset
 
@@ -285,7 +286,7 @@ def _fold_layer_scale(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def convert_state_dict(tensors: dict[str, np.ndarray], cfg: ModelConfig, source: str) -> dict[str, np.ndarray]:
-    """OpenAI-layout tensors -> canonical flat params; every source key must be consumed."""
+    """OpenAI-layout tensors -> flat params in the model's stacked layout; every source key must be consumed."""
     tensors = _fold_layer_scale({k: v for k, v in tensors.items() if k not in JIT_EXTRAS})
     keys = _Keys(tensors, source)
     out: dict[str, np.ndarray] = {}
@@ -296,10 +297,11 @@ def convert_state_dict(tensors: dict[str, np.ndarray], cfg: ModelConfig, source:
         except ValueError:
             out[dst] = x  # a shape the transform does not fit: the parameter check reports it
     keys.finish()
-    return out
+    return from_blocks(out, cfg, source)
 
 
 def to_state_dict(cfg: ModelConfig, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Canonical params of a dense model -> the OpenAI / open_clip state dict (float32, C order)."""
+    """Params of a dense model -> the OpenAI / open_clip state dict (float32, C order)."""
+    params = to_blocks(params, cfg)
     return {src: np.array(transform.to_openai(np.asarray(params[dst])), np.float32, order="C")
             for src, dst, transform in _layout(cfg)}

@@ -1,12 +1,14 @@
-"""Canonical flat parameter names ('visual/encoder/blocks/0/attn/qkv_kernel') and the model they fill.
+"""Flat parameter dicts (models/param_tree.py's two views) and the model they fill.
 
-Importers produce this flat form; the checker compares it with the shapes the
-config implies, so every missing, unexpected or mis-shaped key is reported at once.
+Checkpoints, the train state and the model hold the stacked layout; importers, exporters and upcycling work on
+the per-block view and cross over with `from_blocks` / `to_blocks`. The checker compares either view with the
+shapes the config implies, so every missing, unexpected or mis-shaped key is reported at once, by the names the
+caller used.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +16,17 @@ import numpy as np
 from flax import nnx
 
 from clipup_jax.checkpoints.errors import CheckpointError, key_list
+from clipup_jax.checkpoints.lazy import LazyStack
 from clipup_jax.config import ModelConfig
 from clipup_jax.models import CLIP
-from clipup_jax.models.param_tree import abstract_params, flat_name
+from clipup_jax.models.param_tree import abstract_block_params, abstract_params, block_names, flat_name
+
+Leaf = TypeVar("Leaf", np.ndarray, LazyStack)
 
 
-def check_params(params: Mapping[str, np.ndarray], cfg: ModelConfig, source: str) -> None:
-    expected = abstract_params(cfg)
+def check_params(params: Mapping[str, np.ndarray], cfg: ModelConfig, source: str, *, blocks: bool = False) -> None:
+    """`params` against the config's stacked layout (or, `blocks`, its per-block view)."""
+    expected = abstract_block_params(cfg) if blocks else abstract_params(cfg)
     missing = set(expected) - set(params)
     unexpected = set(params) - set(expected)
     misshaped = [
@@ -37,6 +43,39 @@ def check_params(params: Mapping[str, np.ndarray], cfg: ModelConfig, source: str
         problems.append(f"mis-shaped {key_list(misshaped)}")
     if problems:
         raise CheckpointError(f"{source}: parameters do not match the model config: " + "; ".join(problems))
+
+
+def from_blocks(params: Mapping[str, Leaf], cfg: ModelConfig, source: str = "params") -> dict[str, Leaf]:
+    """The stacked layout of per-block `params` (checked first). A stack holding a `LazyStack` stays lazy; the
+    others are stacked on the host."""
+    check_params(params, cfg, source, blocks=True)
+    stacked = block_names(cfg)
+    per_block = {block for blocks in stacked.values() for block, _ in blocks}
+    out = {name: value for name, value in params.items() if name not in per_block}
+    for name, blocks in stacked.items():
+        parts = [params[block] for block, _ in blocks]
+        lazy = [p for p in parts if isinstance(p, LazyStack)]
+        if lazy:
+            out[name] = LazyStack((len(parts), *parts[0].shape), parts.__getitem__, 1 + lazy[0].lazy_axes)
+        else:
+            out[name] = np.stack([np.asarray(p) for p in parts])
+    return out
+
+
+def to_blocks(params: Mapping[str, Leaf], cfg: ModelConfig, source: str = "params") -> dict[str, Leaf]:
+    """The per-block view of stacked `params` (checked first): views of the host arrays, lazy parts of a
+    `LazyStack`."""
+    check_params(params, cfg, source)
+    stacked = block_names(cfg)
+    out = {}
+    for name, value in params.items():
+        if name not in stacked:
+            out[name] = value
+            continue
+        for block, r in stacked[name]:
+            out[block] = (LazyStack(value.shape[1:], lambda i, v=value, r=r: v[r, i], max(1, value.lazy_axes - 1))
+                          if isinstance(value, LazyStack) else value[r])
+    return out
 
 
 def model_from_params(cfg: ModelConfig, params: Mapping[str, np.ndarray], dtype: jnp.dtype = jnp.float32,

@@ -21,8 +21,6 @@ from flax import nnx
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.params import model_from_params
 from clipup_jax.config import TOWERS, ModelConfig
-from clipup_jax.models.encoder import MlpInput
-from clipup_jax.models.param_tree import flat_name
 from clipup_jax.models.towers import text_pool_index
 
 KMEANS_ITERATIONS = 50  # Lloyd iterations at most; it stops when no assignment changes
@@ -37,29 +35,27 @@ def mlp_inputs(cfg: ModelConfig, params: Mapping[str, np.ndarray], calibration: 
                ) -> dict[str, np.ndarray]:
     """'<tower>/encoder/blocks/<i>/mlp' -> every token its MLP sees on the calibration batch, (N, width): all
     image tokens, and text tokens up to each caption's end-of-text (padding is never routed by meaning)."""
-    graphdef, state = nnx.split(model_from_params(cfg, params, source="calibration model"))
+    model = model_from_params(cfg, params, source="calibration model")
+    model.set_attributes(records=("mlp_input",), raise_if_not_found=False)
+    graphdef, state = nnx.split(model)
 
     @jax.jit
     def run(state, pixels, tokens):
-        model = nnx.merge(graphdef, state)
-        _, image = nnx.capture(lambda m: m.encode_image(pixels), MlpInput)(model)
-        _, text = nnx.capture(lambda m: m.encode_text(tokens), MlpInput)(model)
-        return image, text
+        return nnx.merge(graphdef, state)(pixels, tokens).records
 
-    image, text = run(state, calibration.pixels, calibration.tokens)
+    records = run(state, calibration.pixels, calibration.tokens)
     length = calibration.tokens.shape[1]
     if cfg.text.pool in ("argmax", "eos"):  # pooled at the end-of-text token: later positions are padding
         keep = np.arange(length)[None, :] <= np.asarray(text_pool_index(cfg.text, calibration.tokens))[:, None]
     else:
         keep = np.ones(calibration.tokens.shape, bool)
     out: dict[str, list[np.ndarray]] = {}
-    for captured, valid in ((image, None), (text, keep)):
-        for path, var in nnx.to_flat_state(captured):
-            block = flat_name(path).removesuffix("/mlp_input") + "/mlp"
-            for h in var.get_value():  # one entry per call: a shared backbone sees both modalities
-                h = np.asarray(h)
-                out.setdefault(block, []).append(h[valid] if valid is not None else h.reshape(-1, h.shape[-1]))
-    return {block: np.concatenate(parts) for block, parts in out.items()}
+    for layer, record in records.items():
+        h = np.asarray(record["mlp_input"])
+        text = layer.startswith("text/") or layer.endswith("#1")  # '#1': a shared backbone's text call
+        rows = h[keep] if text else h.reshape(-1, h.shape[-1])
+        out.setdefault(layer.removesuffix("#1"), []).append(rows)  # a shared backbone's layer sees both modalities
+    return {layer: np.concatenate(parts) for layer, parts in out.items()}
 
 
 def spherical_kmeans(x: np.ndarray, k: int, rng: np.random.Generator,

@@ -10,7 +10,7 @@ from clipup_jax.models.param_tree import count_params
 from clipup_jax.config import ModelConfig, MoEPlan
 from clipup_jax.models.flops import dense_equivalent, experts_per_token, image_flops, image_tokens, text_flops
 
-_EXPERT_KEY = re.compile(r"^(?P<mlp>(?P<prefix>visual|text)/encoder/blocks/\d+/mlp)/(?P<leaf>\w+)$")
+_EXPERT_KEY = re.compile(r"^(?P<mlp>(?P<prefix>visual|text)/encoder/layers/\d+/\d+/mlp)/(?P<leaf>\w+)$")
 
 
 def active_params(cfg: ModelConfig, params: Mapping[str, object]) -> int:

@@ -1,6 +1,8 @@
 """Sparse upcycling: a dense CLIP becomes a sparse MoE CLIP whose experts start as copies of its MLPs.
 
-The mapping is a rule per sparse parameter key:
+The mapping is a rule per sparse parameter key of the per-block view (`checkpoints/params.py`: the dense
+checkpoint's stacks are split into blocks, the sparse ones stacked again, as the two models' runs of repeated
+blocks differ):
 
     <tower>/encoder/blocks/<i>/mlp/router_kernel      new: normal(plan.router_init_std), keyed by the seed, or
                                                        (router_init="kmeans") the centroids of that layer's
@@ -36,12 +38,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from clipup_jax.checkpoints.errors import CheckpointError, key_list
-from clipup_jax.checkpoints.format import (TOKENIZER_DIR, AdamMoments, LazyStack, check_output, load_checkpoint,
-                                           read_metadata, save_checkpoint)
-from clipup_jax.checkpoints.params import check_params
+from clipup_jax.checkpoints.format import (TOKENIZER_DIR, AdamMoments, check_output, load_checkpoint, read_metadata,
+                                           save_checkpoint)
+from clipup_jax.checkpoints.lazy import LazyStack
+from clipup_jax.checkpoints.params import check_params, from_blocks, to_blocks
 from clipup_jax.checkpoints.router_init import Calibration, cluster_routers
 from clipup_jax.models.layers import mlp_init_stds
-from clipup_jax.models.param_tree import abstract_params
+from clipup_jax.models.param_tree import abstract_block_params
 from clipup_jax.config import TOWERS, ConfigError, ModelConfig, MoEPlan
 from clipup_jax.storage import PathLike, absolute, as_path
 
@@ -105,8 +108,9 @@ def sparse_config(dense: ModelConfig, opts: UpcycleOptions, source: str = "dense
 
 def key_rules(dense: ModelConfig, sparse: ModelConfig,
               source: str = "dense model") -> dict[str, tuple[str, str | None]]:
-    """sparse key -> (rule, dense key): 'router' (new), 'tile' or 'copy'. Lists every key the rules leave out."""
-    have, want = abstract_params(dense), abstract_params(sparse)
+    """sparse key -> (rule, dense key) in the per-block view: 'router' (new), 'tile' or 'copy'. Lists every key
+    the rules leave out."""
+    have, want = abstract_block_params(dense), abstract_block_params(sparse)
     rules: dict[str, tuple[str, str | None]] = {}
     for key in want:
         m = _MLP_KEY.match(key)
@@ -147,6 +151,7 @@ def upcycle(config: ModelConfig, params: Mapping[str, np.ndarray], opts: Upcycle
     for i, other in enumerate(multiplet, 1):
         same_architecture(params, other, f"{source}: multiplet checkpoint {i}")
     rules = key_rules(config, sparse, source)
+    params, multiplet = to_blocks(params, config, source), [to_blocks(m, config, source) for m in multiplet]
     checkpoints = [params, *multiplet]
     # The dense model the sparse one starts nearest: the copied parameters, and the first checkpoint's MLPs
     # where experts come from all of them (what the k-means calibration runs).
@@ -159,18 +164,18 @@ def upcycle(config: ModelConfig, params: Mapping[str, np.ndarray], opts: Upcycle
     if opts.router_init == "kmeans":
         if calibration is None:
             raise CheckpointError(f"{source}: router init 'kmeans' needs a calibration batch")
-        routers = cluster_routers(config, shared, sparse, calibration, opts.seed)
+        routers = cluster_routers(config, from_blocks(shared, config), sparse, calibration, opts.seed)
     experts = _Experts(sparse, opts, routers)
     out = {key: experts.param(key, rule, [c[src] for c in checkpoints] if rule == "tile"
                               else shared[src] if src else None) for key, (rule, src) in rules.items()}
     moments = None
     if opt_state is not None and opts.optimizer_state and not multiplet:
-        check_params(opt_state.mu, config, f"{source} (Adam mu)")
-        check_params(opt_state.nu, config, f"{source} (Adam nu)")
         moments = AdamMoments(opt_state.count, *(
-            {key: experts.moment(key, rule, tree[src] if src else None) for key, (rule, src) in rules.items()}
-            for tree in (opt_state.mu, opt_state.nu)))
-    return Upcycled(sparse, out, moments)
+            from_blocks({key: experts.moment(key, rule, tree[src] if src else None)
+                         for key, (rule, src) in rules.items()}, sparse, f"{source} (Adam {what})")
+            for what, tree in (("mu", to_blocks(opt_state.mu, config, f"{source} (Adam mu)")),
+                               ("nu", to_blocks(opt_state.nu, config, f"{source} (Adam nu)")))))
+    return Upcycled(sparse, from_blocks(out, sparse, source), moments)
 
 
 def same_architecture(first: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray], what: str) -> None:
@@ -220,7 +225,7 @@ def upcycle_checkpoint(src: PathLike, out: PathLike, opts: UpcycleOptions,
 def check_multiplet(first: ModelConfig, other: ModelConfig, what: str) -> None:
     """A multiplet checkpoint has the first one's architecture: else names the first parameter key, or failing
     that the first config field, that differs. Reads no weights."""
-    same_architecture(abstract_params(first), abstract_params(other), what)
+    same_architecture(abstract_block_params(first), abstract_block_params(other), what)
     field = _first_difference(first.to_dict(), other.to_dict())
     if field is not None:
         raise CheckpointError(f"{what}: its model config differs from the first checkpoint's at {field}")

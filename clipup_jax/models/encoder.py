@@ -1,9 +1,27 @@
-"""Pre-LN transformer blocks shared by both towers, run as a python loop or scanned over repeated periods."""
+"""Pre-LN transformer blocks shared by both towers, their parameters stacked along a leading `layers` axis.
+
+Layout (as big_vision and MaxText keep a scanned stack): the encoder cuts its layer plan into segments, runs of
+one repeating period of block kinds (`plan_segments`: one run of single blocks for a dense or all-MoE tower, a
+run of (dense, MoE) pairs for every_2), and each position of a segment's period is one `Block` whose every
+variable carries the run's repeats on axis 0:
+
+    visual/encoder/layers/<segment>/<position>/mlp/fc1_kernel     (repeats, [experts,] width, mlp_dim)
+
+Block i of the per-block view (`visual/encoder/blocks/<i>/...`, what importers and exporters speak) is repeat r
+of position j of segment s: i = `Segment.block(j, r)` = start + r * period + j, the one map between the two.
+`scan=True` runs each segment as one `jax.lax.scan` over those stacked variables (the program stops growing with
+depth); `scan=False` runs the same blocks in a python loop over the repeats. Both compute the same function from
+the same parameters, and neither copies a stack at run time.
+
+What a block records besides its output is returned, never sown: `records` (a static attribute; set it with
+`model.set_attributes(records=(...), raise_if_not_found=False)`) names what each encoder returns per block:
+"moe" (the routing metrics and aux losses of a MoE block) and "mlp_input" (the `ln_2` output an upcycled router
+scores, read on calibration data by checkpoints/router_init.py).
+"""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +37,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
 }
+RECORDS = ("moe", "mlp_input")  # what an encoder can return per block besides its output
+LAYERS = "layers"  # the logical axis of a stack's repeats (replicated by the sharding rules)
+
+Record = dict[str, jax.Array]
 
 
 def remat_policy(name: str) -> Callable | None:
@@ -26,12 +48,6 @@ def remat_policy(name: str) -> Callable | None:
     if name not in REMAT_POLICIES:
         raise ValueError(f"remat={name!r} (config.remat): expected one of {', '.join(map(repr, REMAT_POLICIES))}")
     return REMAT_POLICIES[name]
-
-
-class MlpInput(nnx.Intermediate):
-    """A block's MLP input (its `ln_2` output), sown only inside `nnx.capture(..., MlpInput)`: what an upcycled
-    router will score, read on calibration data (checkpoints/router_init.py). `sow` matches the exact type, so
-    the train step's capture of `nnx.Intermediate` never holds these."""
 
 
 class Block(nnx.Module):
@@ -47,27 +63,36 @@ class Block(nnx.Module):
         else:
             self.mlp = MoeMlp(width, mlp_dim, depth, activation, moe, rngs, dtype)
 
-    def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, causal: bool, records: tuple[str, ...] = ()) -> tuple[jax.Array, Record]:
+        """The block's output and what `records` asks of it ("moe" only where the MLP is one)."""
         x = x + self.attn(self.ln_1(x), causal)
         h = self.ln_2(x)
-        if hasattr(self, "__captures__"):  # set by nnx.capture; sowing outside one is deprecated
-            self.sow(MlpInput, "mlp_input", h)
-        return x + self.mlp(h)
+        record = {"mlp_input": h} if "mlp_input" in records else {}
+        if isinstance(self.mlp, MoeMlp):
+            y, metrics = self.mlp.forward(h, metrics="moe" in records)
+            if metrics is not None:
+                record["moe"] = metrics
+        else:
+            y = self.mlp(h)
+        return x + y, record
 
 
 class Segment(NamedTuple):
-    """Blocks start .. start + period * repeats - 1; a period of kinds that repeats (repeats 1 = the python loop)."""
+    """Blocks start .. start + period * repeats - 1: a period of block kinds, repeated."""
 
     start: int
     period: int
     repeats: int
+
+    def block(self, position: int, repeat: int) -> int:
+        return self.start + repeat * self.period + position
 
 
 def plan_segments(kinds: tuple[bool, ...], max_period: int = 2) -> tuple[Segment, ...]:
     """Cut a layer plan (True = MoE block) into runs of one repeating period, greedily from the first block.
 
     Dense or all-MoE: one run of period 1; every_2: period 2 (a dense+MoE pair); last_N: a dense run then a MoE
-    run; a block that starts no run of two or more periods is its own segment, run in the python loop.
+    run; a block that starts no run of two or more periods is a segment of its own (repeats 1).
     """
     segments, i = [], 0
     while i < len(kinds):
@@ -83,42 +108,29 @@ def plan_segments(kinds: tuple[bool, ...], max_period: int = 2) -> tuple[Segment
     return tuple(segments)
 
 
-@contextlib.contextmanager
-def _captures_detached(modules: list[nnx.Module]) -> Iterator[dict]:
-    """Lift `nnx.capture`'s per-module `__captures__` off `modules` while their state is split and stacked,
-    so the scanned copies carry only model state; the body captures afresh and sows back into the originals."""
-    saved = {}
-    for module in modules:
-        for _, m in nnx.iter_modules(module):
-            if hasattr(m, "__captures__"):
-                saved[id(m)] = (m, m.__captures__)
-                delattr(m, "__captures__")
-    try:
-        yield saved
-    finally:
-        for m, captures in saved.values():
-            m.__captures__ = nnx.data(captures)
+def encoder_segments(depth: int, moe: MoEPlan | None) -> tuple[Segment, ...]:
+    """The segments of an encoder of `depth` blocks with the MoE plan `moe` (None: dense)."""
+    sparse = set(moe.layer_indices(depth)) if moe is not None else set()
+    return plan_segments(tuple(i in sparse for i in range(depth)))
+
+
+def _stacked(blocks: list[Block]) -> Block:
+    """One Block whose variables are those of `blocks` stacked on a leading `layers` axis (built at init only:
+    inside the init's jit the per-block copies never materialise)."""
+    graphdef = nnx.graphdef(blocks[0])
+    flats = [nnx.to_flat_state(nnx.state(b)) for b in blocks]
+    stacked = []
+    for (path, first), *others in zip(*flats):
+        value = jnp.stack([first.get_value(), *(v.get_value() for _, v in others)])
+        if isinstance(first, nnx.Param):
+            stacked.append((path, first.replace(value, logical_axes=(LAYERS, *first.logical_axes))))
+        else:
+            stacked.append((path, first.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(stacked))
 
 
 class Encoder(nnx.Module):
-    """A stack of `Block`s, kept as a list (`blocks/0/...`) whatever the execution strategy.
-
-    `scan=True` runs each repeating period of the layer plan (one block when dense or all-MoE, a dense+MoE pair
-    for every_2; see `plan_segments`) with one `jax.lax.scan` over the blocks' stacked state, so the model's
-    program stops growing with depth; blocks outside a repeating run (e.g. an odd last block) stay in the loop.
-
-    The parameter tree is unchanged on purpose: checkpoint importers, upcycling, Orbax checkpoints and the
-    sharding rules are all keyed on `blocks/i`, and scanning is only an execution strategy. The cost: every step
-    stacks the block weights into a (repeats, ...) copy (sharded like the blocks), and the backward produces their
-    stacked gradient before splitting it per block: without remat, up to two extra copies of the encoder's
-    weights at peak (+4 GiB temp for a dense L/14 gradient, +10 GiB for CLIP-UP L/14; under remat the scanned
-    train step measured no more than the loop). Work per parameter leaf (stack/unstack, the optimizer update)
-    still grows with depth. Figures: benchmarks/RESULTS.md, "Compile time at depth".
-
-    Inside the scan each period is a merged copy of its blocks; afterwards every block gets back the non-Param
-    state the call changed (router-noise RNG counters, in training) and the MoE metrics sown in the body are
-    sown again into it, so `moe_aux` sees the same layer names as the loop. `nnx.scan` expects a module whose
-    state is already stacked, which this layout is not; `jax.lax.scan` over split state does exactly this.
+    """The blocks of one tower (or of a shared backbone), stacked per segment (see the module docstring).
 
     `remat` ("none", "full", "dots"; `REMAT_POLICIES`) recomputes activations in the backward pass under that
     `jax.checkpoint` policy: per period in the scan, per block in the loop.
@@ -130,125 +142,74 @@ class Encoder(nnx.Module):
         remat_policy(remat)  # fail at construction on a bad name
         self.remat = remat
         self.scan = scan
+        self.records: tuple[str, ...] = ()
+        self.segments = encoder_segments(depth, moe)
         sparse = set(moe.layer_indices(depth)) if moe is not None else set()
-        self.segments = plan_segments(tuple(i in sparse for i in range(depth)))
-        self.blocks = nnx.List([
-            Block(width, heads, mlp_dim, depth, activation, ln_eps, rngs, dtype, moe if i in sparse else None)
-            for i in range(depth)
-        ])
+        # Made in block order (each block draws from `rngs` as a per-block list would), then stacked.
+        blocks = [Block(width, heads, mlp_dim, depth, activation, ln_eps, rngs, dtype, moe if i in sparse else None)
+                  for i in range(depth)]
+        self.layers = nnx.List([
+            nnx.List([_stacked([blocks[seg.block(j, r)] for r in range(seg.repeats)]) for j in range(seg.period)])
+            for seg in self.segments])
 
-    def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
-        for seg in self.segments if self.scan else [Segment(i, 1, 1) for i in range(len(self.blocks))]:
-            blocks = [self.blocks[i] for i in range(seg.start, seg.start + seg.period * seg.repeats)]
-            if seg.repeats == 1 and self.remat == "none":
-                for block in blocks:
-                    x = block(x, causal)
-            elif seg.repeats == 1:
-                for block in blocks:
-                    x = self._functional([block], 1, x, causal)
-            else:
-                x = self._functional(blocks, seg.period, x, causal)
-        return x
+    def __call__(self, x: jax.Array, causal: bool) -> tuple[jax.Array, dict[int, Record]]:
+        """The blocks' output and, per block index, what `self.records` asks (empty dicts when nothing is)."""
+        unknown = set(self.records) - set(RECORDS)
+        if unknown:
+            raise ValueError(f"records {sorted(unknown)}: expected some of {', '.join(RECORDS)}")
+        records: dict[int, Record] = {}
+        for seg, stack in zip(self.segments, self.layers):
+            x, per_block = self._segment(seg, list(stack), x, causal)
+            records.update(per_block)
+        return x, records
 
-    def _functional(self, blocks: list[Block], period: int, x: jax.Array, causal: bool) -> jax.Array:
-        """`blocks` (repeats x period) as a pure function of their split state: one `lax.scan` over the repeats
-        (a single call when there is one), checkpointed under the remat policy. Afterwards each block gets back
-        the non-Param state the call changed and the intermediates it sowed."""
-        repeats = len(blocks) // period
-        with _captures_detached(blocks) as detached:
-            captured = bool(detached)
-            graphdefs, stacked = [], []
-            for j in range(period):
-                splits = [nnx.split(blocks[r * period + j], nnx.Param, ...) for r in range(repeats)]
-                if any(s[0] != splits[0][0] for s in splits):
-                    raise ValueError(f"blocks {[i for i in range(j, len(blocks), period)]} of a scanned segment "
-                                     "differ in structure; they cannot share one scan body")
-                graphdefs.append(splits[0][0])
-                stacked.append((jax.tree.map(lambda *xs: _stack(*xs), *[p for _, p, _ in splits]),
-                                jax.tree.map(lambda *xs: _stack_raw(xs), *[rest for _, _, rest in splits]))
-                               if repeats > 1 else splits[0][1:])
+    def _segment(self, seg: Segment, stack: list[Block], x: jax.Array, causal: bool
+                 ) -> tuple[jax.Array, dict[int, Record]]:
+        """One segment as a pure function of its stacked state: a `lax.scan` over the repeats (scan=True) or a
+        python loop over them, each period checkpointed under the remat policy. Afterwards the stacked blocks get
+        back the non-Param state the call changed (router-noise RNG counters, in training)."""
+        splits = [nnx.split(block, nnx.Param, ...) for block in stack]
+        graphdefs = [g for g, _, _ in splits]
+        changed: list[list[tuple]] = [[] for _ in stack]  # filled while tracing: which non-Param leaves advanced
+        asked = self.records
 
-        # Filled while tracing the body: which non-Param leaves a call changed (router-noise RNG counters in
-        # training; nothing at eval) and which intermediates it sowed. Only those leave the body, so an
-        # unchanged RNG stream is never written to (nor mutated across trace levels).
-        changed: list[list[tuple]] = [[] for _ in range(period)]
-        sown_paths: list[list[tuple]] = [[] for _ in range(period)]
-
-        def body(h, states):
-            new_rest, sown = [], []
+        def period(h, states):
+            new_rest, recs = [], []
             for j, (graphdef, (params, rest)) in enumerate(zip(graphdefs, states)):
                 block = nnx.merge(graphdef, params, rest)
                 before = [var.get_value() for _, var in nnx.to_flat_state(nnx.state(block, nnx.Not(nnx.Param)))]
-                if captured:
-                    h, inter = nnx.capture(lambda b, y: b(y, causal), nnx.Intermediate)(block, h)
-                    flat = nnx.to_flat_state(inter)
-                    sown_paths[j] = [path for path, _ in flat]
-                    sown.append([var.get_value() for _, var in flat])
-                else:
-                    h = block(h, causal)
-                    sown.append([])
+                h, rec = block(h, causal, asked)
                 after = nnx.to_flat_state(nnx.state(block, nnx.Not(nnx.Param)))
                 updates = [(path, var.get_value()) for (path, var), old in zip(after, before)
                            if var.get_value() is not old]
                 changed[j] = [path for path, _ in updates]
                 new_rest.append([value for _, value in updates])
-            return h, (new_rest, sown)
+                recs.append(rec)
+            return h, (new_rest, recs)
 
+        scanned = self.scan and seg.repeats > 1
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=remat_policy(self.remat), prevent_cse=repeats == 1)
-        x, (new_rest, sown) = jax.lax.scan(body, x, stacked) if repeats > 1 else body(x, stacked)
-        unstack = _unstack if repeats > 1 else (lambda tree: [tree])
-        for j in range(period):
-            column = [blocks[r * period + j] for r in range(repeats)]
-            for path, values in zip(changed[j], new_rest[j]):
-                for block, value in zip(column, unstack(values)):
-                    _at(block, path).set_value(value)
-            for path, calls in zip(sown_paths[j], sown[j]):
-                for call in calls:  # one entry per call of the block in the body: one
-                    for block, value in zip(column, unstack(call)):
-                        _at(block, path[:-1]).sow(nnx.Intermediate, path[-1], value)
-        return x
-
-
-# Stacking and unstacking with runtime offsets. `jnp.stack` is one N-operand concatenate per leaf, whose kernel
-# grows with N (seconds of LLVM time each at L/14 depth on XLA:CPU), and its transpose is a static slice per
-# block, whose offset is baked into its own kernel and into every fusion it joins (e.g. the optimizer update of
-# that block's weights), so depth x leaves distinct kernels get compiled. With the offsets behind an
-# optimization barrier they are runtime operands: each leaf shape costs one kernel whatever the depth.
-def _offsets(n: int) -> tuple[jax.Array, ...]:
-    return jax.lax.optimization_barrier(tuple(jnp.int32(r) for r in range(n)))
-
-
-def _unstack(tree):
-    """A pytree of (n, ...) arrays as n pytrees of its slices."""
-    n = jax.tree.leaves(tree)[0].shape[0]
-    offsets = _offsets(n)
-    return [jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, offsets[r], keepdims=False), tree)
-            for r in range(n)]
-
-
-def _stack_raw(xs: tuple[jax.Array, ...]) -> jax.Array:
-    out = jnp.zeros((len(xs),) + xs[0].shape, xs[0].dtype)
-    for x, offset in zip(xs, _offsets(len(xs))):
-        out = jax.lax.dynamic_update_index_in_dim(out, x, offset, 0)
-    return out
-
-
-@jax.custom_vjp
-def _stack(*xs: jax.Array) -> jax.Array:
-    """`jnp.stack(xs)` built and differentiated with runtime offsets (see above)."""
-    return _stack_raw(xs)
-
-
-def _stack_fwd(*xs: jax.Array) -> tuple[jax.Array, None]:
-    return _stack_raw(xs), None
-
-
-def _stack_bwd(_, g: jax.Array) -> tuple[jax.Array, ...]:
-    return tuple(_unstack(g))
-
-
-_stack.defvjp(_stack_fwd, _stack_bwd)
+            period = jax.checkpoint(period, policy=remat_policy(self.remat), prevent_cse=not scanned)
+        states = [(p, r) for _, p, r in splits]
+        if scanned:
+            x, (new_rest, recs) = jax.lax.scan(period, x, states)
+            records = {seg.block(j, r): jax.tree.map(lambda a, r=r: a[r], recs[j])
+                       for j in range(seg.period) for r in range(seg.repeats)}
+        else:
+            rests, records = [], {}
+            # One `lax.split` per leaf, not a slice per repeat: its transpose is one concatenate of the repeats'
+            # gradients (a slice's is a pad to the whole stack, summed over the repeats).
+            leaves, treedef = jax.tree.flatten(states)
+            pieces = [jax.lax.split(a, (1,) * seg.repeats) for a in leaves]
+            for r in range(seg.repeats):
+                x, (rest, recs) = period(x, treedef.unflatten([p[r][0] for p in pieces]))
+                rests.append(rest)
+                records.update({seg.block(j, r): rec for j, rec in enumerate(recs)})
+            new_rest = jax.tree.map(lambda *xs: jnp.stack(xs), *rests)
+        for j, block in enumerate(stack):
+            for path, value in zip(changed[j], new_rest[j]):
+                _at(block, path).set_value(value)
+        return x, records
 
 
 def _at(node, path: tuple):

@@ -7,13 +7,15 @@ tokens reach the experts is `dispatcher.choose`'s decision for the plan, the mod
 (training or inference) and the mesh set by `jax.set_mesh`; every choice computes
 the same function.
 
-Inside `nnx.capture(..., nnx.Intermediate)` each call records its routing
-metrics and aux losses with `sow` ('moe'); `moe_aux` turns the captured state
-into the one weighted `aux_loss` the training loss adds. Outside a capture
-(inference) nothing is computed or stored.
+`forward(x, metrics=True)` also returns the layer's routing metrics and aux
+losses (what an encoder returns as its "moe" record); `moe_aux` turns those of
+every layer into the one weighted `aux_loss` the training loss adds. Inference
+asks for none, and none are computed.
 """
 
 from __future__ import annotations
+
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +24,6 @@ from flax import nnx
 from clipup_jax.config import Activation, MoEPlan
 from clipup_jax.models import aux_losses, dispatch, dispatcher, routing
 from clipup_jax.models.layers import activation_fn, mlp_init_stds, normal
-
-METRICS = "moe"
-
 
 class MoeMlp(nnx.Module):
     def __init__(self, width: int, mlp_dim: int, depth: int, activation: Activation, plan: MoEPlan,
@@ -48,6 +47,10 @@ class MoeMlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (G, S, D), one routing group per sample."""
+        return self.forward(x)[0]
+
+    def forward(self, x: jax.Array, metrics: bool = False) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """The layer's output and, when `metrics`, its routing metrics and weighted `aux_loss` (else None)."""
         plan = self.plan
         g, s, _ = x.shape
         e = plan.num_experts
@@ -66,8 +69,8 @@ class MoeMlp(nnx.Module):
                     x, dispatch.expert_choice_weights(ec, s), w, act))(x, ec, w)
             else:
                 y = dispatcher.group_local(lambda x, ec, w: dispatch.expert_choice(x, ec, w, act))(x, ec, w)
-            self._record(ec.probs, ec.logits, None, load=self._ec_load(ec), dropped=jax.vmap(routing.unchosen_fraction)(ec))
-            return y
+            return y, self._metrics(ec.probs, ec.logits, None, load=self._ec_load(ec),
+                                    dropped=jax.vmap(routing.unchosen_fraction)(ec)) if metrics else None
         c = routing.capacity(s, e, plan.top_k, factor)
         noise = plan.router_noise_std if train else 0.0
         keys = jax.random.split(self.rngs(), g) if noise > 0 else None
@@ -76,20 +79,19 @@ class MoeMlp(nnx.Module):
             noise_std=noise, rng=key), in_axes=(0, 0 if keys is not None else None))
         r = dispatcher.group_local(route)(logits, keys)
         y = chosen(x, r, c, w, act)
+        if not metrics:
+            return y, None
         counts = jax.vmap(lambda rr: routing.assignment_counts(rr, e))(r).sum(0)
-        self._record(r.probs, r.logits, r, load=counts / jnp.maximum(counts.sum(), 1),
-                     dropped=jax.vmap(routing.drop_fraction)(r))
-        return y
+        return y, self._metrics(r.probs, r.logits, r, load=counts / jnp.maximum(counts.sum(), 1),
+                                dropped=jax.vmap(routing.drop_fraction)(r))
 
     @staticmethod
     def _ec_load(ec: routing.ExpertChoice) -> jax.Array:
         e = ec.token_index.shape[-2]
         return jnp.full((e,), 1.0 / e, jnp.float32)  # expert choice is balanced by construction
 
-    def _record(self, probs: jax.Array, logits: jax.Array, r: routing.Routing | None, *, load: jax.Array,
-                dropped: jax.Array) -> None:
-        if not hasattr(self, "__captures__"):  # set by nnx.capture; sowing outside one is deprecated
-            return
+    def _metrics(self, probs: jax.Array, logits: jax.Array, r: routing.Routing | None, *, load: jax.Array,
+                 dropped: jax.Array) -> dict[str, jax.Array]:
         plan = self.plan
         per_group = jax.vmap
         values = {
@@ -111,23 +113,13 @@ class MoeMlp(nnx.Module):
         metrics["expert_load"] = load
         metrics["drop_fraction"] = dropped.mean()
         metrics["router_entropy"] = values["local_entropy"]
-        self.sow(nnx.Intermediate, METRICS, metrics)
+        return metrics
 
 
-def moe_aux(intermediates: nnx.State) -> tuple[jax.Array, dict[str, dict[str, jax.Array]]]:
-    """The summed weighted aux loss of every MoE layer of both towers, and per-layer metrics.
-
-    `intermediates` is what `nnx.capture(forward, nnx.Intermediate)` returned;
-    metrics are keyed by layer path ('visual/encoder/blocks/1/mlp', with '#i'
-    for the i-th extra call of a layer shared by both modalities).
-    """
-    per_layer: dict[str, dict[str, jax.Array]] = {}
+def moe_aux(records: Mapping[str, dict[str, jax.Array]]) -> jax.Array:
+    """The summed weighted aux loss of every MoE layer's metrics in `records` (`CLIPOutput.records`: layer name
+    -> that layer's "moe" metrics)."""
     total = jnp.zeros((), jnp.float32)
-    for path, var in nnx.to_flat_state(intermediates):
-        if path[-1] != METRICS:
-            continue
-        for i, metrics in enumerate(var.get_value()):
-            name = "/".join(str(p) for p in path[:-1]) + (f"#{i}" if i else "")
-            per_layer[name] = metrics
-            total = total + metrics["aux_loss"]
-    return total, per_layer
+    for metrics in records.values():
+        total = total + metrics["aux_loss"]
+    return total

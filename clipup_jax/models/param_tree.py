@@ -1,20 +1,28 @@
-"""The flat view of a CLIP's parameters: 'visual/encoder/blocks/0/attn/qkv_kernel' -> array.
+"""The flat views of a CLIP's parameters, name -> array.
 
-Shapes and logical axes come from an abstract init (`nnx.eval_shape`), so
-nothing is allocated to ask what a config's parameters look like.
+The model's own layout stacks each run of repeated blocks on a leading `layers` axis
+('visual/encoder/layers/0/1/mlp/fc1_kernel', models/encoder.py); the per-block view
+('visual/encoder/blocks/3/mlp/fc1_kernel') is what importers, exporters and upcycling
+speak. `block_names` is the one map between the two. Shapes and logical axes come from
+an abstract init (`nnx.eval_shape`), so nothing is allocated to ask what a config's
+parameters look like.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from typing import Mapping
 
 import jax
 import numpy as np
 from flax import nnx
 
-from clipup_jax.config import ModelConfig
+from clipup_jax.config import TOWERS, ModelConfig
 from clipup_jax.models.clip import CLIP
+from clipup_jax.models.encoder import encoder_segments
+
+_STACKED = re.compile(r"^(?P<tower>\w+)/encoder/layers/(?P<segment>\d+)/(?P<position>\d+)/(?P<leaf>.+)$")
 
 
 def flat_name(path: tuple) -> str:
@@ -49,6 +57,35 @@ def abstract_params(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
 def logical_axes(cfg: ModelConfig) -> dict[str, tuple[str | None, ...]]:
     """Logical axis names of every parameter (mapped to mesh axes by the sharding rules)."""
     return {flat_name(path): var.logical_axes for path, var in _abstract_params(cfg)}
+
+
+@functools.lru_cache(maxsize=16)
+def block_names(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Stacked parameter name -> (per-block name, repeat) of each block it holds, in repeat order."""
+    towers = {prefix: getattr(cfg, field) for prefix, field in TOWERS.values()}
+    out = {}
+    for name in abstract_params(cfg):
+        m = _STACKED.match(name)
+        if m is None:
+            continue
+        tower = towers[m["tower"]]
+        seg = encoder_segments(tower.depth, tower.moe)[int(m["segment"])]
+        j = int(m["position"])
+        out[name] = tuple((f"{m['tower']}/encoder/blocks/{seg.block(j, r)}/{m['leaf']}", r)
+                          for r in range(seg.repeats))
+    return out
+
+
+def abstract_block_params(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """`abstract_params` in the per-block view."""
+    stacked = block_names(cfg)
+    out = {}
+    for name, shape in abstract_params(cfg).items():
+        if name not in stacked:
+            out[name] = shape
+        for block, _ in stacked.get(name, ()):
+            out[block] = jax.ShapeDtypeStruct(shape.shape[1:], shape.dtype)
+    return out
 
 
 def params_of(model: CLIP) -> dict[str, np.ndarray]:

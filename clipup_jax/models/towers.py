@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clipup_jax.config import Activation, TextConfig, VisionConfig
-from clipup_jax.models.encoder import Encoder
+from clipup_jax.models.encoder import Encoder, Record
 from clipup_jax.models.layers import LayerNorm, Projection, normal
 
 
@@ -36,8 +36,9 @@ class VisionTower(nnx.Module):
         self.ln_post = LayerNorm(w, ln_eps)
         self.proj = Projection(w, embed_dim, cfg.proj_bias, rngs, dtype)
 
-    def __call__(self, pixels: jax.Array) -> jax.Array:
-        """pixels: (B, H, W, 3), normalised. Returns projected, unnormalised features (B, embed_dim)."""
+    def __call__(self, pixels: jax.Array) -> tuple[jax.Array, dict[int, Record]]:
+        """pixels: (B, H, W, 3), normalised. Returns projected, unnormalised features (B, embed_dim), and the
+        encoder's records per block (`Encoder.records`)."""
         cfg = self.cfg
         b, h, w_, c = pixels.shape
         if (h, w_, c) != (cfg.image_size, cfg.image_size, 3):
@@ -58,12 +59,12 @@ class VisionTower(nnx.Module):
             x = x + pos
         if self.ln_pre is not None:
             x = self.ln_pre(x)
-        x = self.encoder(x, causal=False)
+        x, records = self.encoder(x, causal=False)
         if cfg.pool == "tok":  # LayerNorm is per token: normalising only the pooled one is exact
-            return self.proj(self.ln_post(x[:, 0]))
+            return self.proj(self.ln_post(x[:, 0])), records
         if cfg.ln_post_after_pool:
-            return self.proj(self.ln_post(x[:, int(cfg.class_token):].mean(axis=1)))
-        return self.proj(self.ln_post(x)[:, int(cfg.class_token):].mean(axis=1))
+            return self.proj(self.ln_post(x[:, int(cfg.class_token):].mean(axis=1))), records
+        return self.proj(self.ln_post(x)[:, int(cfg.class_token):].mean(axis=1)), records
 
 
 def text_pool_index(cfg: TextConfig, tokens: jax.Array) -> jax.Array:
@@ -94,15 +95,16 @@ class TextTower(nnx.Module):
         self.ln_final = LayerNorm(w, ln_eps)
         self.proj = Projection(w, embed_dim, cfg.proj_bias, rngs, dtype)
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens: (B, L) int ids, L <= context_length. Returns projected, unnormalised features."""
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict[int, Record]]:
+        """tokens: (B, L) int ids, L <= context_length. Returns projected, unnormalised features, and the encoder's
+        records per block."""
         cfg = self.cfg
         if tokens.ndim != 2 or tokens.shape[1] > cfg.context_length:
             raise ValueError(f"text tower expects (B, L<={cfg.context_length}) token ids, got {tokens.shape}")
         length = tokens.shape[1]
         x = jnp.take(self.token_embed[...], tokens, axis=0).astype(self.dtype)
         x = x + self.pos_embed[...][:length].astype(self.dtype)
-        x = self.encoder(x, causal=cfg.causal)
+        x, records = self.encoder(x, causal=cfg.causal)
         # LayerNorm is per token, so pooling before ln_final is exact and B x fewer rows to normalise.
         pooled = x[jnp.arange(x.shape[0]), text_pool_index(cfg, tokens)]
-        return self.proj(self.ln_final(pooled))
+        return self.proj(self.ln_final(pooled)), records

@@ -1,6 +1,6 @@
 """The layout table: where every parameter and optimizer-state array of a train state lives on the mesh.
 
-Rows are parameter groups: names with their block indices collapsed (`visual/encoder/blocks/*/mlp/fc1_kernel`)
+Rows are parameter groups: names with their stack indices collapsed (`visual/encoder/layers/*/*/mlp/fc1_kernel`)
 and one row per distinct (shape, PartitionSpec, dtype), so a tower's dense and MoE blocks stay apart.
 Optimizer leaves (Adam's mu and nu) are charged to the parameter they follow (their path ends with its name
 and they have its shape); counters and the rest of the state are "other". Bytes are per device, computed from

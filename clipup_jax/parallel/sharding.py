@@ -1,7 +1,7 @@
 """Logical axis names -> mesh axes: the one table that decides where every parameter lives.
 
-Parameters carry logical axes (`embed`, `mlp`, `heads`, `kv`, `vocab`, `expert`,
-`joint`); a rules table maps each to mesh axes. Dense weights are FSDP-sharded
+Parameters carry logical axes (`layers`, `embed`, `mlp`, `heads`, `kv`, `vocab`,
+`expert`, `joint`); a rules table maps each to mesh axes. Dense weights are FSDP-sharded
 over `fsdp` on their `embed` axis, experts over `expert`, activations' batch
 over every data-like axis (`expert` acts as a data axis outside MoE layers).
 A mesh axis is used at most once per array, and only where it divides the
@@ -26,6 +26,7 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 DEFAULT_RULES: Rules = (
     ("batch", AXIS_ORDER),  # every axis is data-like outside the MoE layers
     ("expert", "expert"),
+    ("layers", None),  # a stack's repeats: each device holds every layer of its shards (the scan walks them)
     ("embed", "fsdp"),
     ("mlp", None),
     ("heads", None),

@@ -44,10 +44,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
     def loss_fn(params: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]):
         # copy=True: fresh Variables inside this trace, so the router-noise RNG counters can advance in it.
         model = nnx.merge(graphdef, params, rest, copy=True)
-        model.set_attributes(deterministic=False, raise_if_not_found=False)  # train capacity + router noise
-        out, intermediates = nnx.capture(lambda m: m(batch["pixels"], batch["tokens"]), nnx.Intermediate)(model)
+        # Train capacity and router noise; each MoE layer returns its routing metrics and aux losses.
+        model.set_attributes(deterministic=False, records=("moe",), raise_if_not_found=False)
+        out = model(batch["pixels"], batch["tokens"])
         contrastive = contrastive_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
-        aux, per_layer = moe_aux(intermediates)
+        per_layer = {layer: record["moe"] for layer, record in out.records.items()}
+        aux = moe_aux(per_layer)
         metrics = {"contrastive_loss": contrastive, "aux_loss": aux, "logit_scale": out.logit_scale}
         for layer, values in per_layer.items():
             for key in ("drop_fraction", "router_entropy", "load_balancing", "router_z"):

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from clipup_jax.checkpoints.format import TOKENIZER_DIR, load_checkpoint, metadata_dict, read_metadata, write_metadata
+from clipup_jax.checkpoints.format import FORMAT_VERSION, TOKENIZER_DIR, load_checkpoint, metadata_dict, read_metadata, write_metadata
 from clipup_jax.checkpoints.train_workdir import CHECKPOINTS_DIR, SAVED_CONFIG
 from clipup_jax.checkpoints.params import assign_params, check_params
 from clipup_jax.config import ModelConfig, model_config
@@ -130,8 +130,13 @@ def check_config(config: ml_collections.ConfigDict, workdir: PathLike | None = N
         workdir = as_path(workdir)
         if workdir.exists() and not workdir.is_dir():
             raise ValueError(f"workdir {workdir}: exists and is not a directory")
-        if (workdir / CHECKPOINTS_DIR).is_dir():
-            return  # resuming: the init checkpoint is not read again
+        if (workdir / CHECKPOINTS_DIR).is_dir():  # resuming: the init checkpoint is not read again
+            version = read_metadata(workdir)[0]["format_version"]
+            if version != FORMAT_VERSION:
+                raise ValueError(f"{workdir}: written in checkpoint format {version}, which this version reads but "
+                                 f"does not resume (format {FORMAT_VERSION}); continue from it in a new workdir "
+                                 f"with --config.init.checkpoint={workdir}")
+            return
     if config.init.checkpoint:
         _check_init(config, cfg, read_metadata(config.init.checkpoint)[1])
 

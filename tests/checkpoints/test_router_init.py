@@ -12,7 +12,7 @@ from flax import nnx
 
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.format import load_checkpoint, save_checkpoint
-from clipup_jax.checkpoints.params import model_from_params
+from clipup_jax.checkpoints.params import model_from_params, to_blocks
 from clipup_jax.checkpoints.router_init import Calibration, mlp_inputs, spherical_kmeans
 from clipup_jax.checkpoints.upcycle import TILED, UpcycleOptions, upcycle, upcycle_checkpoint
 from clipup_jax.config import ConfigError, MoEPlan, preset
@@ -72,10 +72,11 @@ def test_kmeans_routers_send_each_cluster_to_its_expert_and_preserve_the_functio
     opts = UpcycleOptions(plan=_plan(), router_init="kmeans", seed=3)
     up = upcycle(cfg, params, opts, calibration=calibration)
     inputs = mlp_inputs(cfg, params, calibration)
-    moe_blocks = [block for block in inputs if f"{block}/router_kernel" in up.params]
-    assert moe_blocks == ["visual/encoder/blocks/1/mlp", "text/encoder/blocks/1/mlp"]  # every_2 of 2 blocks
+    routers = to_blocks(up.params, up.config)  # the per-block view: '<tower>/encoder/blocks/<i>/mlp/router_kernel'
+    moe_blocks = [block for block in inputs if f"{block}/router_kernel" in routers]
+    assert sorted(moe_blocks) == ["text/encoder/blocks/1/mlp", "visual/encoder/blocks/1/mlp"]  # every_2 of 2 blocks
     for block in moe_blocks:
-        tokens, router = inputs[block], up.params[f"{block}/router_kernel"]
+        tokens, router = inputs[block], routers[f"{block}/router_kernel"]
         tower = cfg.vision if block.startswith("visual") else cfg.text
         # Columns of the random init's norm, pointing at the layer's own cluster centroids.
         np.testing.assert_allclose(np.linalg.norm(router, axis=0), 0.02 * np.sqrt(tower.width), rtol=1e-5)
@@ -91,8 +92,8 @@ def test_kmeans_routers_send_each_cluster_to_its_expert_and_preserve_the_functio
     assert_close(np.asarray(sparse_model.encode_text(tokens)), np.asarray(dense_model.encode_text(tokens)),
                  FEATURES_BOUND, "text features")
     normal = upcycle(cfg, params, UpcycleOptions(plan=_plan(), seed=3))
-    assert not np.allclose(normal.params["text/encoder/blocks/1/mlp/router_kernel"],
-                           up.params["text/encoder/blocks/1/mlp/router_kernel"])
+    assert not np.allclose(normal.params["text/encoder/layers/1/0/mlp/router_kernel"],
+                           up.params["text/encoder/layers/1/0/mlp/router_kernel"])
 
 
 @pytest.mark.parametrize("bad, needle", [
@@ -124,7 +125,8 @@ def test_multiplet_experts_come_from_their_checkpoints(shared_from):
     up = upcycle(cfg, checkpoints[0], UpcycleOptions(plan=_plan(), shared_from=shared_from),
                  multiplet=checkpoints[1:])
     assert up.opt_state is None  # one checkpoint's moments fit none of the others' experts
-    params = up.host_params()
+    params = to_blocks(up.host_params(), up.config)
+    checkpoints = [to_blocks(c, cfg) for c in checkpoints]
     for key, value in params.items():
         *block, leaf = key.split("/")
         if leaf in TILED and f"{'/'.join(block)}/router_kernel" in params:
@@ -134,7 +136,7 @@ def test_multiplet_experts_come_from_their_checkpoints(shared_from):
             want = checkpoints[0][key] if shared_from == "first" else np.mean([c[key] for c in checkpoints], axis=0)
             np.testing.assert_allclose(value, want, rtol=1e-6, atol=1e-7)
     # Different experts: no longer the dense function (said so in the docs), but a working model.
-    features = model_from_params(up.config, params).encode_image(_calibration(2).pixels)
+    features = model_from_params(up.config, up.host_params()).encode_image(_calibration(2).pixels)
     assert np.isfinite(np.asarray(features)).all()
 
 

@@ -4,6 +4,7 @@ noise and drop-upcycling do what they say, moments are tiled, experts stream and
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clipup_jax.checkpoints.errors import CheckpointError
-from clipup_jax.checkpoints.format import AdamMoments, LazyStack, load_checkpoint, save_checkpoint
-from clipup_jax.checkpoints.params import model_from_params
+from clipup_jax.checkpoints.format import AdamMoments, load_checkpoint, save_checkpoint
+from clipup_jax.checkpoints.lazy import LazyStack
+from clipup_jax.checkpoints.params import from_blocks, model_from_params, to_blocks
 from clipup_jax.models.param_tree import abstract_params
 from clipup_jax.checkpoints.upcycle import TILED, UpcycleOptions, key_rules, upcycle, upcycle_checkpoint
 from clipup_jax.config import ConfigError, MoEPlan, preset
@@ -55,6 +57,11 @@ def _plan(**changes) -> MoEPlan:
     return MoEPlan(**{"num_experts": E, "top_k": 2, "layers": "every_2", "eval_capacity_factor": None, **changes})
 
 
+def _blocks(up) -> dict[str, np.ndarray]:
+    """The upcycled parameters in the per-block view ('<tower>/encoder/blocks/<i>/...'), experts built."""
+    return to_blocks(up.host_params(), up.config)
+
+
 def _features(cfg, params, inputs):
     model = model_from_params(cfg, params)
     return np.asarray(model.encode_image(inputs[0])), np.asarray(model.encode_text(inputs[1]))
@@ -95,16 +102,23 @@ def test_one_tower_upcycled_the_other_copied(dense, towers):
 def test_rules_tile_copy_and_add_a_router(dense):
     cfg, params, _, _ = dense
     up = upcycle(cfg, params, UpcycleOptions(plan=_plan(layers=(0, 1))))
-    host = up.host_params()
-    assert set(host) - set(params) == {f"{t}/encoder/blocks/{i}/mlp/router_kernel" for t in ("visual", "text")
+    # Stacked: both blocks of a tower are MoE, one run of 2 repeats; the expert axis follows the layers axis.
+    assert up.params["visual/encoder/layers/0/0/mlp/fc1_kernel"].shape == (2, E, 48, 96)
+    assert up.params["visual/encoder/layers/0/0/mlp/router_kernel"].shape == (2, 48, E)
+    host, blocks = _blocks(up), to_blocks(params, cfg)
+    assert set(host) - set(blocks) == {f"{t}/encoder/blocks/{i}/mlp/router_kernel" for t in ("visual", "text")
                                        for i in (0, 1)}
-    for key, value in params.items():
+    for key, value in blocks.items():
         if key.split("/")[-1] in TILED:
             assert host[key].shape == (E, *value.shape) and all(np.array_equal(x, value) for x in host[key])
         else:
-            assert host[key] is value  # copied leaves are the dense arrays themselves: no second copy
+            assert np.array_equal(host[key], value)
+    for key, value in params.items():
+        if "/encoder/layers/" not in key:
+            assert up.params[key] is value  # unstacked copied leaves are the dense arrays themselves: no second copy
     router = host["visual/encoder/blocks/0/mlp/router_kernel"]
     assert router.shape == (48, E) and 0.015 < router.std() < 0.025  # default small-normal 0.02, never all-zero
+    assert not np.array_equal(router, host["visual/encoder/blocks/1/mlp/router_kernel"])  # one draw per block
 
 
 def test_unmatched_keys_are_listed(dense):
@@ -144,7 +158,8 @@ def test_already_sparse_is_refused(dense):
 def test_zero_router_only_with_router_noise(dense):
     cfg, params, _, _ = dense
     up = upcycle(cfg, params, UpcycleOptions(plan=_plan(router_init_std=0.0, router_noise_std=1.0)))
-    assert not up.params["text/encoder/blocks/1/mlp/router_kernel"].any()
+    router = up.params["text/encoder/layers/1/0/mlp/router_kernel"]  # block 1: every_2's MoE block, stacked alone
+    assert router.shape == (1, cfg.text.width, E) and not router.any()
 
 
 def test_noise_and_drop_upcycling_change_features(dense):
@@ -157,11 +172,14 @@ def test_noise_and_drop_upcycling_change_features(dense):
 
 def test_expert_noise_touches_kernels_only_and_differs_per_expert(dense):
     cfg, params, _, _ = dense
-    host = upcycle(cfg, params, UpcycleOptions(plan=_plan(), expert_noise=0.01)).host_params()
+    host = _blocks(upcycle(cfg, params, UpcycleOptions(plan=_plan(), expert_noise=0.01)))
+    blocks = to_blocks(params, cfg)
     block = "visual/encoder/blocks/1/mlp"
     for leaf in ("fc1_bias", "fc2_bias"):
-        assert all(np.array_equal(x, params[f"{block}/{leaf}"]) for x in host[f"{block}/{leaf}"])
-    delta = host[f"{block}/fc1_kernel"] - params[f"{block}/fc1_kernel"]
+        assert all(np.array_equal(x, blocks[f"{block}/{leaf}"]) for x in host[f"{block}/{leaf}"])
+    np.testing.assert_array_equal(host["visual/encoder/blocks/0/mlp/fc1_kernel"],
+                                  blocks["visual/encoder/blocks/0/mlp/fc1_kernel"])  # the dense block is untouched
+    delta = host[f"{block}/fc1_kernel"] - blocks[f"{block}/fc1_kernel"]
     assert 0.009 < delta.std() < 0.011
     assert not np.allclose(delta[0], delta[1])
 
@@ -172,23 +190,23 @@ def test_drop_upcycling_reinitialises_a_different_subset_per_expert(dense, tmp_p
     ones = {k: np.ones_like(v) for k, v in params.items()}
     moments = AdamMoments(5, ones, ones)
     up = upcycle(cfg, params, UpcycleOptions(plan=_plan(), drop_upcycling=ratio), moments)
-    host = up.host_params()
+    host, blocks, mus = _blocks(up), to_blocks(params, cfg), to_blocks(up.opt_state.mu, up.config)
     block = "text/encoder/blocks/1/mlp"
     fc1, fc2, b1 = (host[f"{block}/{leaf}"] for leaf in ("fc1_kernel", "fc2_kernel", "fc1_bias"))
     subsets = []
     for e in range(E):
-        changed = np.flatnonzero((fc1[e] != params[f"{block}/fc1_kernel"]).any(axis=0))
+        changed = np.flatnonzero((fc1[e] != blocks[f"{block}/fc1_kernel"]).any(axis=0))
         assert len(changed) == round(ratio * f)
-        np.testing.assert_array_equal(np.flatnonzero((fc2[e] != params[f"{block}/fc2_kernel"]).any(axis=1)), changed)
+        np.testing.assert_array_equal(np.flatnonzero((fc2[e] != blocks[f"{block}/fc2_kernel"]).any(axis=1)), changed)
         assert not b1[e][changed].any()  # re-initialised units start with the model's zero bias
         # fresh units are drawn like the model's init: fc1 std (2 width)^-1/2
         assert 0.5 < fc1[e][:, changed].std() / (2 * cfg.text.width) ** -0.5 < 1.5
-        mu = up.opt_state.mu[f"{block}/fc1_kernel"][e]
+        mu = mus[f"{block}/fc1_kernel"][e]
         assert not mu[:, changed].any() and mu[:, np.setdiff1d(np.arange(f), changed)].all()
         subsets.append(tuple(changed))
     assert len(set(subsets)) == E
-    full = upcycle(cfg, params, UpcycleOptions(plan=_plan(), drop_upcycling=1.0)).host_params()
-    assert (full[f"{block}/fc1_kernel"] != params[f"{block}/fc1_kernel"]).all()
+    full = _blocks(upcycle(cfg, params, UpcycleOptions(plan=_plan(), drop_upcycling=1.0)))
+    assert (full[f"{block}/fc1_kernel"] != blocks[f"{block}/fc1_kernel"]).all()
 
 
 def test_same_seed_same_experts_other_seed_other_router(dense):
@@ -197,7 +215,7 @@ def test_same_seed_same_experts_other_seed_other_router(dense):
     a, b = upcycle(cfg, params, opts).host_params(), upcycle(cfg, params, opts).host_params()
     assert all(np.array_equal(a[k], b[k]) for k in a)
     c = upcycle(cfg, params, dataclasses.replace(opts, seed=2)).host_params()
-    key = "visual/encoder/blocks/1/mlp/router_kernel"
+    key = "visual/encoder/layers/1/0/mlp/router_kernel"  # block 1's router, stacked alone
     assert not np.array_equal(a[key], c[key])
 
 
@@ -217,6 +235,7 @@ def test_adam_moments_round_trip_and_upcycle(dense, tmp_path):
     sparse = load_checkpoint(tmp_path / "s")
     assert sparse.metadata["kind"] == "sparse" and sparse.opt_state.count == 7
     for moments, dense_moments in ((sparse.opt_state.mu, mu), (sparse.opt_state.nu, nu)):
+        moments, dense_moments = to_blocks(moments, sparse.config), to_blocks(dense_moments, cfg)
         key = "visual/encoder/blocks/1/mlp/fc2_kernel"
         assert all(np.array_equal(x, dense_moments[key]) for x in moments[key])
         assert not moments["visual/encoder/blocks/1/mlp/router_kernel"].any()  # a new parameter has no history
@@ -238,56 +257,71 @@ def wide():
     return cfg, params, upcycle(cfg, params, UpcycleOptions(plan=_plan(num_experts=8), expert_noise=0.01))
 
 
-def test_experts_stream_to_disk_one_slice_at_a_time(wide, tmp_path):
-    import tensorstore as ts
-
-    cfg, params, up = wide
-    calls: dict[str, list[int]] = {}
+def _spied(up, calls: dict[str, list[int]]) -> dict:
+    """`up.params` (stacked) with every expert build recorded in `calls`: per-block key -> experts, in order."""
 
     def spy(key, part, i):
         calls.setdefault(key, []).append(i)
         return part(i)
 
-    lazy = {k: LazyStack(v.shape, lambda i, k=k, v=v: spy(k, v.part, i)) if isinstance(v, LazyStack) else v
-            for k, v in up.params.items()}
-    save_checkpoint(tmp_path / "s", up.config, lazy, source={"format": "test"})
-    assert calls and all(sorted(c) == list(range(8)) for c in calls.values())  # each expert made exactly once
+    blocks = to_blocks(up.params, up.config)  # a lazy stack's blocks stay lazy: their part builds one expert
+    return from_blocks({k: LazyStack(v.shape, functools.partial(spy, k, v.part)) if isinstance(v, LazyStack) else v
+                        for k, v in blocks.items()}, up.config)
+
+
+def test_experts_stream_to_disk_one_slice_at_a_time(wide, tmp_path):
+    import tensorstore as ts
+
+    cfg, params, up = wide
+    calls: dict[str, list[int]] = {}
+    save_checkpoint(tmp_path / "s", up.config, _spied(up, calls), source={"format": "test"})
+    assert sorted(calls) == sorted(f"{t}/encoder/blocks/1/mlp/{leaf}" for t in ("visual", "text") for leaf in TILED)
+    assert all(sorted(c) == list(range(8)) for c in calls.values())  # each expert made exactly once
     restored = load_checkpoint(tmp_path / "s").params
     host = up.host_params()
     assert all(np.array_equal(restored[k], host[k]) for k in host)
     chunks = {}
-    for key, leaf in (("visual/encoder/blocks/1/mlp/fc1_kernel", "visual.encoder.blocks.1.mlp.fc1_kernel"),
-                      ("text/encoder/blocks/1/mlp/fc1_kernel", "text.encoder.blocks.1.mlp.fc1_kernel"),
-                      ("text/encoder/blocks/1/mlp/fc2_bias", "text.encoder.blocks.1.mlp.fc2_bias")):
+    for key in ("visual/encoder/layers/1/0/mlp/fc1_kernel", "text/encoder/layers/1/0/mlp/fc1_kernel",
+                "text/encoder/layers/1/0/mlp/fc2_bias"):
         store = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{tmp_path}/s/params",
-                                                       "path": leaf}}).result()
+                                                       "path": key.replace("/", ".")}}).result()
         chunks[key] = tuple(store.chunk_layout.write_chunk.shape)
-    assert chunks == {"visual/encoder/blocks/1/mlp/fc1_kernel": (1, 512, 1024),
-                      "text/encoder/blocks/1/mlp/fc1_kernel": (8, 256, 512),
-                      "text/encoder/blocks/1/mlp/fc2_bias": (8, 256)}
+    # (layers, experts, ...): an expert of 2 MiB is a chunk of its own, written (and built) one at a time; experts
+    # under Orbax's 1 MiB chunk floor are written as one chunk for the whole stack.
+    assert chunks == {"visual/encoder/layers/1/0/mlp/fc1_kernel": (1, 1, 512, 1024),
+                      "text/encoder/layers/1/0/mlp/fc1_kernel": (1, 8, 256, 512),
+                      "text/encoder/layers/1/0/mlp/fc2_bias": (1, 8, 256)}
 
 
 def test_mesh_placement_builds_only_each_devices_experts(wide):
-    """On 8 simulated CPU devices, a 2 x 4 (data, expert) mesh: each device asks for, and holds, its 2 experts."""
+    """On 8 simulated CPU devices, a 2 x 4 (data, expert) mesh: each device asks for, builds and holds its 2
+    experts (axis 1 of a stacked MoE leaf; the layers axis, axis 0, is replicated)."""
     cfg, params, up = wide
     assert jax.device_count() == 8, "tests/conftest.py must request 8 simulated CPU devices"
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "expert"))
-    sharding = NamedSharding(mesh, P("expert"))
+    sharding = NamedSharding(mesh, P(None, "expert"))
     host = up.host_params()
-    for key, value in up.params.items():
-        if not isinstance(value, LazyStack):
-            continue
+    calls: dict[str, list[int]] = {}
+    spied = _spied(up, calls)
+    lazy = [key for key, value in spied.items() if isinstance(value, LazyStack)]
+    assert len(lazy) == 8  # the 4 tiled leaves of each tower's MoE block
+    for key in lazy:
+        value = spied[key]
+        assert value.shape[:2] == (1, 8), key
         requested = []
 
         def build(idx, value=value, requested=requested):
-            requested.append(range(value.shape[0])[idx[0]])
-            return value[idx]
+            calls.clear()
+            out = value[idx]
+            requested.append((range(value.shape[1])[idx[1]], sorted(e for built in calls.values() for e in built)))
+            return out
 
         placed = jax.make_array_from_callback(value.shape, sharding, build)
-        assert all(len(r) == 2 for r in requested), (key, requested)  # never the whole stack
+        for experts, built in requested:
+            assert len(experts) == 2 and built == list(experts), (key, requested)  # never the whole stack
         for shard in placed.addressable_shards:
             _, column = np.argwhere(mesh.devices == shard.device)[0]
-            assert range(8)[shard.index[0]] == range(2 * column, 2 * column + 2)
+            assert range(8)[shard.index[1]] == range(2 * column, 2 * column + 2)
             np.testing.assert_array_equal(np.asarray(shard.data), host[key][shard.index])
 
 
@@ -299,12 +333,15 @@ def test_error_mid_stream_leaves_nothing(wide, tmp_path):
             raise RuntimeError("disk on fire")
         return np.zeros((512, 1024), np.float32)
 
-    key = "visual/encoder/blocks/1/mlp/fc1_kernel"
+    key = "visual/encoder/layers/1/0/mlp/fc1_kernel"  # (1 repeat, 8 experts, 512, 1024)
+
+    def experts(part):
+        return LazyStack((1, 8, 512, 1024), lambda r: LazyStack((8, 512, 1024), part))
+
     with pytest.raises(Exception, match="disk on fire"):
-        save_checkpoint(tmp_path / "s", up.config, {**up.params, key: LazyStack((8, 512, 1024), failing)}, source={})
+        save_checkpoint(tmp_path / "s", up.config, {**up.params, key: experts(failing)}, source={})
     with pytest.raises(CheckpointError, match=r"slice 0 of a \(8, 512, 1024\) stack has shape \(3,\)"):
-        save_checkpoint(tmp_path / "s", up.config, {**up.params, key: LazyStack((8, 512, 1024), lambda i: np.zeros(3))},
-                        source={})
+        save_checkpoint(tmp_path / "s", up.config, {**up.params, key: experts(lambda i: np.zeros(3))}, source={})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -317,7 +354,7 @@ def test_project_sharding_rules_place_lazy_experts(wide):
     mesh = make_mesh({"fsdp": 2, "expert": 4})
     placed = shard_params(up.params, param_shardings(up.config, mesh))
     host = up.host_params()
-    key = "text/encoder/blocks/1/mlp/fc1_kernel"
-    assert placed[key].sharding.spec[0] == "expert"
-    assert all(shard.data.shape[0] == 2 for shard in placed[key].addressable_shards)
+    key = "text/encoder/layers/1/0/mlp/fc1_kernel"  # (layers, experts, width, mlp_dim)
+    assert tuple(placed[key].sharding.spec[:2]) == (None, "expert")
+    assert all(shard.data.shape[:2] == (1, 2) for shard in placed[key].addressable_shards)
     assert all(np.array_equal(np.asarray(placed[k]), host[k]) for k in host)

@@ -69,7 +69,8 @@ def test_import_upcycle_embed_gives_the_dense_features(setup, tmp_path, capsys):
     assert code == 0, err
     clustered = load_checkpoint(tmp_path / "kmeans")
     assert clustered.metadata["source"]["upcycling"]["router_init"] == "kmeans"
-    router = "text/encoder/blocks/1/mlp/router_kernel"
+    router = "text/encoder/layers/1/0/mlp/router_kernel"  # block 1 (every_2 of 2), stacked alone: (1, width, E)
+    assert clustered.params[router].shape == sparse.params[router].shape == (1, 32, 4)
     assert not np.allclose(clustered.params[router], sparse.params[router])
     features = _embed(tmp_path / "kmeans", tmp_path / "k.npz", setup, capsys)
     for name in ("image_features", "text_features"):

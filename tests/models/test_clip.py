@@ -68,7 +68,8 @@ def test_every_parameter_has_logical_axes_of_its_rank():
     assert shapes.keys() == axes.keys()
     for name, shape in shapes.items():
         assert len(axes[name]) == len(shape.shape), name
-    assert axes["visual/encoder/blocks/0/mlp/fc1_kernel"] == ("embed", "mlp")
+    assert axes["visual/encoder/layers/0/0/mlp/fc1_kernel"] == ("layers", "embed", "mlp")
+    assert shapes["visual/encoder/layers/0/0/mlp/fc1_kernel"].shape == (12, 768, 3072)  # the 12 blocks, stacked
     assert axes["text/token_embed"] == ("vocab", "embed")
 
 

@@ -4,6 +4,7 @@ aux losses reach the router, and train/eval behave differently where they should
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -144,13 +145,13 @@ def test_train_mode_uses_train_capacity_and_noise():
     plan = MoEPlan(num_experts=E, top_k=2, capacity_factor=0.25, eval_capacity_factor=None, router_noise_std=1.0)
     layer = _layer(plan)
     x = _x()
-    forward = nnx.capture(layer, nnx.Intermediate)
+    forward = functools.partial(layer.forward, metrics=True)
     layer.eval()
     eval_out, metrics = forward(x)
-    assert float(metrics["moe"][0]["drop_fraction"]) == 0.0
+    assert float(metrics["drop_fraction"]) == 0.0
     layer.train()
     (a, metrics), b = forward(x), layer(x)
-    assert float(metrics["moe"][0]["drop_fraction"]) > 0.1  # capacity 4 of 10 tokens x 2 choices over 4 experts
+    assert float(metrics["drop_fraction"]) > 0.1  # capacity 4 of 10 tokens x 2 choices over 4 experts
     assert not np.allclose(a, b)  # fresh router noise each call
     layer.eval()
     np.testing.assert_array_equal(layer(x), eval_out)
@@ -170,19 +171,20 @@ def test_aux_loss_sums_every_layer_and_reaches_the_router():
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 1, 511)
 
     def loss(params, aux_scale):
-        out, intermediates = nnx.capture(lambda m: m(pixels, tokens), nnx.Intermediate)(
-            nnx.merge(graphdef, params, rest))
-        aux, per_layer = moe_aux(intermediates)
-        assert len(per_layer) == 4  # two MoE blocks in each tower
-        return jnp.sum(out.image_features * out.text_features) + aux_scale * aux
+        model = nnx.merge(graphdef, params, rest)
+        model.set_attributes(records=("moe",), raise_if_not_found=False)
+        out = model(pixels, tokens)
+        assert len(out.records) == 4  # two MoE blocks in each tower
+        return jnp.sum(out.image_features * out.text_features) + aux_scale * moe_aux(
+            {layer: r["moe"] for layer, r in out.records.items()})
 
     grad = jax.jit(jax.grad(loss))  # one compile; the aux scale is traced
     with_aux, without = grad(params, 1.0), grad(params, 0.0)
-    router = ("visual", "encoder", "blocks", 1, "mlp", "router_kernel")
+    router = ("visual", "encoder", "layers", 0, 0, "mlp", "router_kernel")  # blocks 0 and 1: one stack of 2
     flat_a = dict(nnx.to_flat_state(with_aux))
     flat_b = dict(nnx.to_flat_state(without))
     assert not np.allclose(flat_a[router][...], flat_b[router][...])
-    expert = ("visual", "encoder", "blocks", 1, "mlp", "fc1_kernel")
+    expert = ("visual", "encoder", "layers", 0, 0, "mlp", "fc1_kernel")
     assert np.all(np.isfinite(flat_a[expert][...]))
 
 
@@ -197,8 +199,9 @@ def test_shared_backbone_holds_one_encoder():
     assert len(prefixes) == 1  # the shared encoder is stored once, under one tower
     assert sum("router_kernel" in n for n in names) == 1
     model = CLIP(shared, nnx.Rngs(0))
-    _, intermediates = nnx.capture(model, nnx.Intermediate)(jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 16), jnp.int32))
-    assert len(moe_aux(intermediates)[1]) == 2  # one MoE layer, called once per modality
+    model.set_attributes(records=("moe",), raise_if_not_found=False)
+    out = model(jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 16), jnp.int32))
+    assert sorted(out.records) == ["visual/encoder/blocks/1/mlp", "visual/encoder/blocks/1/mlp#1"]  # per modality
     with pytest.raises(ConfigError, match="shared_backbone"):
         cfg.replace(shared_backbone=True).validate()
 
@@ -233,9 +236,11 @@ def test_remat_changes_memory_not_results():
         graphdef, params, rest = nnx.split(CLIP(cfg, nnx.Rngs(0), remat=remat), nnx.Param, ...)
 
         def loss(params):
-            out, intermediates = nnx.capture(lambda m: m(pixels, tokens), nnx.Intermediate)(
-                nnx.merge(graphdef, params, rest))
-            return jnp.sum(out.image_features * out.text_features) + moe_aux(intermediates)[0]
+            model = nnx.merge(graphdef, params, rest)
+            model.set_attributes(records=("moe",), raise_if_not_found=False)
+            out = model(pixels, tokens)
+            return jnp.sum(out.image_features * out.text_features) + moe_aux(
+                {layer: r["moe"] for layer, r in out.records.items()})
 
         results.append(jax.jit(jax.value_and_grad(loss))(params))
     # Remat recomputes the same forward ops; XLA may fuse them differently. The tiny preset's longest reduction is

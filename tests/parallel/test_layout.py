@@ -58,10 +58,12 @@ def test_layout_totals_are_what_each_device_holds():
 def test_rows_group_blocks_and_keep_dense_and_moe_apart():
     state, shardings, _ = _placed({"fsdp": 2, "expert": 4})
     rows = {(r.group, r.shape): r for r in state_layout(state, shardings).rows}
-    dense = rows[("visual/encoder/blocks/*/mlp/fc1_kernel", (32, 64))]
-    moe = rows[("visual/encoder/blocks/*/mlp/fc1_kernel", (4, 32, 64))]
-    assert (dense.count, tuple(dense.spec)) == (2, ("fsdp", None))  # blocks 0 and 2
-    assert (moe.count, tuple(moe.spec)) == (2, ("expert", "fsdp", None))  # blocks 1 and 3: experts over 4 devices
+    # Depth 4, every_2: one run of (dense, MoE) pairs, each position stacked on a leading (replicated) layers axis.
+    dense = rows[("visual/encoder/layers/*/*/mlp/fc1_kernel", (2, 32, 64))]
+    moe = rows[("visual/encoder/layers/*/*/mlp/fc1_kernel", (2, 4, 32, 64))]
+    assert (dense.count, tuple(dense.spec)) == (1, (None, "fsdp", None))  # blocks 0 and 2, one stack
+    assert (moe.count, tuple(moe.spec)) == (1, (None, "expert", "fsdp", None))  # blocks 1 and 3: experts over 4 devices
+    assert not any("/blocks/" in group for group, _ in rows)
     assert moe.param_bytes == 2 * (1 * 16 * 64) * 4 and dense.param_bytes == 2 * (16 * 64) * 4
     assert moe.opt_bytes == 2 * moe.param_bytes  # Adam mu and nu, laid out like the parameter
     assert sum(r.count for r in rows.values()) == len(jax.tree.leaves(state.params))
@@ -72,7 +74,7 @@ def test_compact_table_folds_small_arrays():
     layout = state_layout(state, shardings)
     compact, full = format_layout(layout, compact=True), format_layout(layout, compact=False)
     assert "visual/... (small arrays)" in compact and "small arrays" not in full
-    assert "visual/encoder/blocks/*/ln_1/scale" in full and "ln_1" not in compact
+    assert "visual/encoder/layers/*/*/ln_1/scale" in full and "ln_1" not in compact
     assert len(compact.splitlines()) < len(full.splitlines())
     assert "WARNING" not in full
 
@@ -111,6 +113,6 @@ def test_optimizer_state_follows_the_parameters_by_structure():
         else:
             assert sharding == want[owner], path
             followed[owner] += 1
-    expert = next(p for p in want if "fc1_kernel" in str(p) and want[p].spec[0] == "expert")
+    expert = next(p for p in want if "fc1_kernel" in str(p) and tuple(want[p].spec[:2]) == (None, "expert"))
     assert followed[expert] >= 3  # Adam's mu and nu, the accumulator
     assert all(followed[p] >= 1 for p in want)  # even the frozen embedding's accumulator

@@ -110,7 +110,9 @@ def test_cli_prints_layout_and_plan_for_a_pod(capsys):
     assert code == 0, err
     layout, plan = out.split("memory plan per device:")
     assert "parameter layout on mesh data=8 fsdp=1 expert=8 (64 devices)" in layout
-    assert "visual/encoder/blocks/*/mlp/fc1_kernel" in layout and "8x768x3072" in layout and "(expert, -, -)" in layout
+    # B/16, every_2 MoE over 12 blocks: the 6 MoE blocks' experts stacked (layers, experts, ...), over `expert`.
+    row = next(line.split() for line in layout.splitlines() if "6x8x768x3072" in line)
+    assert row[0] == "visual/encoder/layers/*/*/mlp/fc1_kernel" and " ".join(row[3:7]) == "(-, expert, -, -)", row
     assert len(layout.strip().splitlines()) <= 40
     for row in ("params (float32)", "optimizer state", "gradients", "activations for the backward pass",
                 "vision: 12 blocks x 197 tokens, remat full, 6 MoE", "total per device", "device memory"):

@@ -22,7 +22,8 @@ from clipup_jax.train.trainer import abstract_train_state, train
 TINY = ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64),
                    text=TextConfig(vocab_size=64, context_length=8, width=32, depth=1, heads=2, mlp_dim=64),
                    embed_dim=16)
-EXPERT_KERNEL = "visual/encoder/blocks/1/mlp/fc1_kernel"  # (4 experts, 32, 64)
+# Block 1, the image tower's one MoE block, stacked alone: segment 1, position 0; (1 layer, 4 experts, 32, 64).
+EXPERT_KERNEL = "visual/encoder/layers/1/0/mlp/fc1_kernel"
 
 
 def _config(mesh: dict[str, int]) -> ml_collections.ConfigDict:
@@ -54,7 +55,8 @@ def saved(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     history = train(_config({"data": 2, "expert": 4}), workdir, data=_data)
     params = {k: np.asarray(v) for k, v in _flat(history["final_params"]).items()}
-    assert history["final_params"]["visual"]["encoder"]["blocks"][1]["mlp"]["fc1_kernel"][...].sharding.spec[0] == "expert"
+    kernel = history["final_params"]["visual"]["encoder"]["layers"][1][0]["mlp"]["fc1_kernel"][...]
+    assert kernel.shape == (1, 4, 32, 64) and tuple(kernel.sharding.spec[:2]) == (None, "expert")
     return workdir, params
 
 
@@ -85,14 +87,15 @@ def test_restore_on_another_mesh_is_bitwise(saved, mesh_shape, ndev, expert_shar
         assert len(value.sharding.device_set) == ndev, name
         np.testing.assert_array_equal(np.asarray(value), want[name], err_msg=name)
     kernel = got[EXPERT_KERNEL]
-    starts = {shard.index[0].start or 0 for shard in kernel.addressable_shards}
+    starts = {shard.index[1].start or 0 for shard in kernel.addressable_shards}  # axis 1: experts
     assert len(starts) == expert_shards  # experts split over the target mesh's expert axis, or replicated
     fsdp = mesh_shape.get("fsdp", 1)
-    assert kernel.sharding.shard_shape(kernel.shape) == (4 // expert_shards, 32 // fsdp, 64)
+    assert kernel.sharding.shard_shape(kernel.shape) == (1, 4 // expert_shards, 32 // fsdp, 64)
 
 
 def test_trainer_wrote_the_layout_table(saved):
     workdir, _ = saved
     text = (workdir / "layout.txt").read_text()
     assert "mesh data=2 expert=4" in text
-    assert "visual/encoder/blocks/*/mlp/fc1_kernel" in text and "(expert, -, -)" in text
+    assert any(line.split()[:2] == ["visual/encoder/layers/*/*/mlp/fc1_kernel", "1"] and "1x4x32x64" in line
+               and "(-, expert, -, -)" in line for line in text.splitlines()), text

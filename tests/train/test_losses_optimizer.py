@@ -59,7 +59,7 @@ def test_freeze_no_decay_and_lr_multipliers():
     assert np.array_equal(new["visual/proj/kernel"], old["visual/proj/kernel"])  # LR multiplier 0
     assert np.array_equal(new["visual/ln_post/scale"], old["visual/ln_post/scale"])  # no decay on norms
     assert np.array_equal(new["logit_scale"], old["logit_scale"])  # nor on the temperature
-    k = "visual/encoder/blocks/0/mlp/fc1_kernel"
+    k = "visual/encoder/layers/0/0/mlp/fc1_kernel"
     np.testing.assert_allclose(new[k], old[k] * (1 - 0.1 * 0.5), rtol=1e-6)  # decoupled decay on kernels
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from clipup_jax.checkpoints.format import load_checkpoint
 from clipup_jax.config import ModelConfig, TextConfig, VisionConfig
-from clipup_jax.models import CLIP
+from clipup_jax.models.towers import VisionTower
 from clipup_jax.train.health import Health, NonFiniteGuard, NonFiniteLoss
 from clipup_jax.train.trainer import train
 from tests.train.test_trainer import _config
@@ -35,8 +35,13 @@ _inf_grad_when_marked.defvjp(lambda features, pixels: (features, pixels[0, 0, 0,
 def inf_grads(monkeypatch):
     """A test-only wrap of the model: a batch whose first pixel is MARK keeps a finite loss but gets Inf
     gradients in the image tower. Unmarked batches see the identity (forward and backward)."""
-    encode = CLIP.encode_image
-    monkeypatch.setattr(CLIP, "encode_image", lambda self, pixels: _inf_grad_when_marked(encode(self, pixels), pixels))
+    call = VisionTower.__call__
+
+    def wrapped(self, pixels):
+        features, records = call(self, pixels)
+        return _inf_grad_when_marked(features, pixels), records
+
+    monkeypatch.setattr(VisionTower, "__call__", wrapped)
 
 
 def _batches(n: int) -> list[dict[str, np.ndarray]]:
