@@ -29,6 +29,7 @@ from clipup_jax.checkpoints.params import model_from_params
 from clipup_jax.config import ModelConfig, preset
 from clipup_jax.models.clip import l2_normalize
 from clipup_jax.models.dispatcher import model_dispatchers
+from clipup_jax.models.encoder import for_inference
 from clipup_jax.models.flops import image_flops, text_flops
 from clipup_jax.train.recipes import CLIPUP_PLAN, sparse
 
@@ -48,7 +49,7 @@ def models(quick: bool) -> dict[str, ModelConfig]:
 
 
 def _encoders(cfg: ModelConfig, params: dict[str, np.ndarray], dtype: Any = jnp.float32) -> tuple[Callable, Callable, Any]:
-    graphdef, state = nnx.split(model_from_params(cfg, params, dtype))
+    graphdef, state = nnx.split(for_inference(model_from_params(cfg, params, dtype)))  # as `Embedder` runs it
     image = jax.jit(lambda state, pixels: nnx.merge(graphdef, state).encode_image(pixels))
     text = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).encode_text(tokens))
     return image, text, state

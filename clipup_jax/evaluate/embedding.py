@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from clipup_jax.models import CLIP
+from clipup_jax.models.encoder import for_inference
 
 
 # Module-level and keyed on the (hashable) graph definition: a periodic eval during training builds a new Embedder
@@ -35,7 +36,7 @@ class Embedder:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
-        graphdef, state = nnx.split(model)
+        graphdef, state = nnx.split(for_inference(model))
         self._state = state
         self._image = functools.partial(_encode_image, graphdef)
         self._text = functools.partial(_encode_text, graphdef)

@@ -21,7 +21,7 @@ scores, read on calibration data by checkpoints/router_init.py).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ RECORDS = ("moe", "mlp_input")  # what an encoder can return per block besides i
 LAYERS = "layers"  # the logical axis of a stack's repeats (replicated by the sharding rules)
 
 Record = dict[str, jax.Array]
+M = TypeVar("M", bound=nnx.Module)
 
 
 def remat_policy(name: str) -> Callable | None:
@@ -129,6 +130,32 @@ def _stacked(blocks: list[Block]) -> Block:
     return nnx.merge(graphdef, nnx.from_flat_state(stacked))
 
 
+def _unstacked(stack: Block, repeats: int) -> nnx.List:
+    """The inverse of `_stacked`: `repeats` Blocks, each with its own buffers (copied out of the stack)."""
+    graphdef, flat = nnx.graphdef(stack), nnx.to_flat_state(nnx.state(stack))
+    blocks = []
+    for r in range(repeats):
+        layer = [(path, var.replace(var.get_value()[r], logical_axes=var.logical_axes[1:])
+                  if isinstance(var, nnx.Param) else var.replace(var.get_value()[r])) for path, var in flat]
+        blocks.append(nnx.merge(graphdef, nnx.from_flat_state(layer)))
+    return nnx.List(blocks)
+
+
+def for_inference(model: M) -> M:
+    """`model` with per-layer parameter buffers in place of its encoders' stacks where the backend copies a slice
+    of a stack inside a program: XLA:CPU does, a pass over every weight per call (benchmarks/inference.py), which
+    a split made once here saves. A model for inference only (its parameter tree is not the checkpoints'); the
+    given model is unchanged, and on other backends it is returned as is (no second copy of the weights)."""
+    if jax.default_backend() != "cpu":
+        return model
+    model = nnx.merge(*nnx.split(model))  # a new module tree over the same arrays
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Encoder):
+            module.layers = nnx.List([nnx.List([_unstacked(stack, seg.repeats) for stack in period])
+                                      for seg, period in zip(module.segments, module.layers)])
+    return model
+
+
 class Encoder(nnx.Module):
     """The blocks of one tower (or of a shared backbone), stacked per segment (see the module docstring).
 
@@ -168,6 +195,12 @@ class Encoder(nnx.Module):
         """One segment as a pure function of its stacked state: a `lax.scan` over the repeats (scan=True) or a
         python loop over them, each period checkpointed under the remat policy. Afterwards the stacked blocks get
         back the non-Param state the call changed (router-noise RNG counters, in training)."""
+        if isinstance(stack[0], nnx.List):  # split for inference (`for_inference`): each layer its own Block
+            records: dict[int, Record] = {}
+            for r in range(seg.repeats):
+                for j, layers in enumerate(stack):
+                    x, records[seg.block(j, r)] = layers[r](x, causal, self.records)
+            return x, records
         splits = [nnx.split(block, nnx.Param, ...) for block in stack]
         graphdefs = [g for g, _, _ in splits]
         changed: list[list[tuple]] = [[] for _ in stack]  # filled while tracing: which non-Param leaves advanced

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from jax.sharding import NamedSharding
 
 from clipup_jax.config import ModelConfig, MoEPlan, TextConfig, VisionConfig
 from clipup_jax.models import CLIP
-from clipup_jax.models.encoder import Encoder, Segment, plan_segments
+from clipup_jax.models.encoder import Block, Encoder, Segment, for_inference, plan_segments
 from clipup_jax.models.moe import moe_aux
 from clipup_jax.models.towers import VisionTower
 from clipup_jax.parallel.mesh import make_mesh
@@ -225,3 +226,21 @@ def test_scanned_program_does_not_grow_with_depth():
     scanned_growth, unrolled_growth = scanned[8][0] / scanned[4][0], unrolled[8] / unrolled[4]
     assert unrolled_growth > 1.6, unrolled_growth  # the comparison can tell: unrolled doubles with depth
     assert scanned_growth < 1.25, scanned_growth
+
+
+def test_inference_form_computes_the_same_features_without_slicing_a_stack():
+    """`for_inference` (XLA:CPU): each layer gets its own buffers, so the inference program slices no stacked
+    parameter (a copy of the weights per call there); the features are the stacked model's, bitwise."""
+    model = _build(_cfg(), False, "none")
+    inference = for_inference(model)
+    pixels, tokens = _inputs()
+    np.testing.assert_array_equal(inference.encode_image(pixels), model.encode_image(pixels))
+    np.testing.assert_array_equal(inference.encode_text(tokens), model.encode_text(tokens))
+    assert isinstance(model.visual.encoder.layers[0][1], Block)  # the given model keeps its stacks
+
+    def sliced_arguments(m: nnx.Module) -> int:
+        graphdef, state = nnx.split(m)
+        text = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x)).lower(state, pixels).as_text()
+        return len(re.findall(r"stablehlo\.slice %arg", text))
+
+    assert sliced_arguments(model) > 0 and sliced_arguments(inference) == 0
