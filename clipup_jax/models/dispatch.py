@@ -37,6 +37,9 @@ from clipup_jax.models.routing import ExpertChoice, Routing
 
 
 class ExpertWeights(NamedTuple):
+    """The experts' MLPs, stacked on a leading expert axis; or, for `expert_loop` only, per-expert tuples of
+    buffers (`MoeMlp.split_experts`: XLA:CPU copies an expert's slice of a stack before its matmuls)."""
+
     fc1: jax.Array  # (E, D, F)
     b1: jax.Array  # (E, F)
     fc2: jax.Array  # (E, F, D)
@@ -159,7 +162,8 @@ def expert_loop(x: jax.Array, r: Routing, w: ExpertWeights, act: Activation,
     backward pass is written out (`_looped_mlp`'s VJP) with the same schedule.
     """
     g, s, d = x.shape
-    e = w.fc1.shape[0]
+    per_expert = isinstance(w.fc1, tuple)
+    e = len(w.fc1) if per_expert else w.fc1.shape[0]
     k = r.expert_index.shape[-1]
     n = g * s * k
     expert = jnp.where(r.kept, r.expert_index, e).reshape(-1)  # dropped rows sort last and are never run
@@ -168,8 +172,11 @@ def expert_loop(x: jax.Array, r: Routing, w: ExpertWeights, act: Activation,
     sizes = jnp.bincount(expert, length=e + 1)[:e]
     ends = jnp.cumsum(sizes)
     dtype = x.dtype
-    out = _looped_mlp(rows, ends - sizes, ends, ExpertWeights(*(a.astype(dtype) for a in w)), act,
-                      chunks.for_rows(n))
+    w = jax.tree.map(lambda a: a.astype(dtype), w)
+    if per_expert:  # each expert's own buffers, one after another: no slice of a stack to copy (inference only)
+        out = _per_expert_forward(rows, ends - sizes, ends, w, act, chunks.for_rows(n))
+    else:
+        out = _looped_mlp(rows, ends - sizes, ends, w, act, chunks.for_rows(n))
     slot = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # sorted row of each assignment
     picked = out[slot].reshape(g, s, k, d)
     return jnp.einsum("gskd,gsk->gsd", picked, jnp.where(r.kept, r.gate, 0.0).astype(dtype))
@@ -192,6 +199,17 @@ def _rows(a: jax.Array, at: jax.Array, size: int) -> jax.Array:
 
 def _put(a: jax.Array, rows: jax.Array, at: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(a, rows, at, 0)
+
+
+def _per_expert_forward(rows, starts, ends, w: ExpertWeights, act: Activation, chunks) -> jax.Array:
+    """`_looped_forward` over per-expert buffers: a python loop over the experts, the same chunk schedule."""
+    out = jnp.zeros_like(rows)
+    for i, (w1, b1, w2, b2) in enumerate(zip(*w)):
+        def body(at, size, out, w1=w1, b1=b1, w2=w2, b2=b2):
+            return _put(out, act(_rows(rows, at, size) @ w1 + b1) @ w2 + b2, at)
+
+        out = _chunked(starts[i], ends[i], chunks, body, out)
+    return out
 
 
 def _looped_forward(rows, starts, ends, w: ExpertWeights, act: Activation, chunks, keep_hidden: bool):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clipup_jax.config import Activation, MoEPlan
+from clipup_jax.models import dispatcher
 from clipup_jax.models.attention import SelfAttention
 from clipup_jax.models.layers import LayerNorm, Mlp
 from clipup_jax.models.moe import MoeMlp
@@ -142,10 +143,11 @@ def _unstacked(stack: Block, repeats: int) -> nnx.List:
 
 
 def for_inference(model: M) -> M:
-    """`model` with per-layer parameter buffers in place of its encoders' stacks where the backend copies a slice
-    of a stack inside a program: XLA:CPU does, a pass over every weight per call (benchmarks/inference.py), which
-    a split made once here saves. A model for inference only (its parameter tree is not the checkpoints'); the
-    given model is unchanged, and on other backends it is returned as is (no second copy of the weights)."""
+    """`model` with per-layer parameter buffers in place of its encoders' stacks (and per-expert ones where the
+    inference dispatch is `expert_loop`) where the backend copies a slice of a stack inside a program: XLA:CPU
+    does, a pass over every weight per call (benchmarks/inference.py), which a split made once here saves. A model
+    for inference only (its parameter tree is not the checkpoints'); the given model is unchanged, and on other
+    backends it is returned as is (no second copy of the weights). Call it under the mesh the model will run on."""
     if jax.default_backend() != "cpu":
         return model
     model = nnx.merge(*nnx.split(model))  # a new module tree over the same arrays
@@ -153,6 +155,12 @@ def for_inference(model: M) -> M:
         if isinstance(module, Encoder):
             module.layers = nnx.List([nnx.List([_unstacked(stack, seg.repeats) for stack in period])
                                       for seg, period in zip(module.segments, module.layers)])
+    mesh = jax.sharding.get_abstract_mesh()
+    shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    for _, module in list(nnx.iter_modules(model)):
+        if isinstance(module, MoeMlp) and dispatcher.choose(module.plan, train=False, mesh_shape=shape).kind == \
+                "expert_loop":
+            module.split_experts()  # and each expert its own buffers, for the same reason
     return model
 
 

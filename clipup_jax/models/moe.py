@@ -42,8 +42,18 @@ class MoeMlp(nnx.Module):
         self.rngs = rngs["router"].fork() if plan.router_noise_std > 0 else nnx.data(None)
 
     def weights(self) -> dispatch.ExpertWeights:
-        return dispatch.ExpertWeights(self.fc1_kernel[...], self.fc1_bias[...], self.fc2_kernel[...],
-                                      self.fc2_bias[...])
+        def value(param):  # a stack, or per-expert buffers after `split_experts`
+            return tuple(p[...] for p in param) if isinstance(param, nnx.List) else param[...]
+
+        return dispatch.ExpertWeights(*map(value, (self.fc1_kernel, self.fc1_bias, self.fc2_kernel, self.fc2_bias)))
+
+    def split_experts(self) -> None:
+        """Each expert's weights in buffers of its own, for inference by `expert_loop` (which alone reads them
+        so): on XLA:CPU an expert's slice of a stack is copied before its matmuls, every call."""
+        for name in ("fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias"):
+            param = getattr(self, name)
+            setattr(self, name, nnx.List([param.replace(param[...][e], logical_axes=param.logical_axes[1:])
+                                          for e in range(self.plan.num_experts)]))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (G, S, D), one routing group per sample."""

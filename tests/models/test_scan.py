@@ -229,14 +229,17 @@ def test_scanned_program_does_not_grow_with_depth():
 
 
 def test_inference_form_computes_the_same_features_without_slicing_a_stack():
-    """`for_inference` (XLA:CPU): each layer gets its own buffers, so the inference program slices no stacked
-    parameter (a copy of the weights per call there); the features are the stacked model's, bitwise."""
+    """`for_inference` (XLA:CPU): each layer gets its own buffers, and each expert of a layer `expert_loop` runs,
+    so the inference program slices no stacked parameter (a copy of the weights per call there); the features
+    are the stacked model's, bitwise."""
     model = _build(_cfg(), False, "none")
     inference = for_inference(model)
     pixels, tokens = _inputs()
     np.testing.assert_array_equal(inference.encode_image(pixels), model.encode_image(pixels))
     np.testing.assert_array_equal(inference.encode_text(tokens), model.encode_text(tokens))
     assert isinstance(model.visual.encoder.layers[0][1], Block)  # the given model keeps its stacks
+    experts = inference.visual.encoder.layers[0][1][1].mlp.fc1_kernel  # block 3's experts
+    assert [e[...].shape for e in experts] == [(32, 64)] * 4
 
     def sliced_arguments(m: nnx.Module) -> int:
         graphdef, state = nnx.split(m)
