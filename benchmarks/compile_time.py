@@ -72,7 +72,7 @@ def _lower_grad(cfg: ModelConfig, scan: bool, remat: str, batch: int, dtype: str
     """value_and_grad of a CLIP-style loss plus the MoE aux losses, w.r.t. the parameters."""
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     model = nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0, router=1), compute, remat=remat, scan=scan))
-    model.set_attributes(records=("moe",), raise_if_not_found=False)
+    model.set_attributes(deterministic=False, records=("moe",), raise_if_not_found=False)  # train mode, as the step
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     v, t = cfg.vision, cfg.text
     pixels = jax.ShapeDtypeStruct((batch, v.image_size, v.image_size, 3), jnp.float32)
