@@ -151,16 +151,14 @@ def for_inference(model: M) -> M:
     if jax.default_backend() != "cpu":
         return model
     model = nnx.merge(*nnx.split(model))  # a new module tree over the same arrays
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, Encoder):
-            module.layers = nnx.List([nnx.List([_unstacked(stack, seg.repeats) for stack in period])
-                                      for seg, period in zip(module.segments, module.layers)])
+    for encoder in [m for _, m in nnx.iter_modules(model) if isinstance(m, Encoder)]:  # a shared one once
+        encoder.layers = nnx.List([nnx.List([_unstacked(stack, seg.repeats) for stack in period])
+                                   for seg, period in zip(encoder.segments, encoder.layers)])
     mesh = jax.sharding.get_abstract_mesh()
     shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    for _, module in list(nnx.iter_modules(model)):
-        if isinstance(module, MoeMlp) and dispatcher.choose(module.plan, train=False, mesh_shape=shape).kind == \
-                "expert_loop":
-            module.split_experts()  # and each expert its own buffers, for the same reason
+    for moe in [m for _, m in nnx.iter_modules(model) if isinstance(m, MoeMlp)]:
+        if dispatcher.choose(moe.plan, train=False, mesh_shape=shape).kind == "expert_loop":
+            moe.split_experts()  # and each expert its own buffers, for the same reason
     return model
 
 
