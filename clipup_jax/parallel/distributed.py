@@ -50,6 +50,7 @@ LOST_PEER_EXIT = 3
 
 _done: dict | None = None  # the arguments of the call that did the work
 _watch: workarounds.PeerWatch | None = None  # this process's watch on its peers (multi-process)
+_aligned: dict[str, int] = {}  # `align` calls per name: each barrier id is used once
 
 
 def _backends_started() -> bool:
@@ -189,4 +190,18 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise RuntimeError(f"jax.distributed.initialize failed ({where}; timeout {timeout_s}s): "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     _done = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id,
-             "local_device_count": local_device_count}
+             "local_device_count": local_device_count, "timeout_s": timeout_s}
+
+
+def align(name: str) -> None:
+    """Returns once every process has called `align(name)` (a barrier of the coordination service, waiting up to
+    the start-up timeout); a no-op for one process. Gloo sets up its communicators at the first cross-process
+    collective and gives the peers a fixed 30 s to arrive there: a process that starts slower on a loaded machine
+    (imports, compiles, data set-up) failed that collective, so callers align just before it."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the coordination client: no public accessor
+
+    timeout_s = (_done or {}).get("timeout_s") or DEFAULT_TIMEOUT_S
+    _aligned[name] = _aligned.get(name, 0) + 1
+    jax_distributed.global_state.client.wait_at_barrier(f"clipup:{name}:{_aligned[name]}", timeout_s * 1000)

@@ -23,6 +23,7 @@ from clipup_jax.data.image_ops import check_resize_mode
 from clipup_jax.data.tokenizer import source_files
 from clipup_jax.models import CLIP
 from clipup_jax.models.dispatcher import describe_dispatchers, model_dispatchers
+from clipup_jax.parallel import distributed
 from clipup_jax.parallel.layout import report_layout
 from clipup_jax.parallel.mesh import make_mesh
 from clipup_jax.parallel.sharding import batch_spec, data_parallel_size, param_shardings, state_shardings
@@ -232,6 +233,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, data: DataFactory, 
     mesh = config_mesh(config)
     with jax.set_mesh(mesh):
         # ------------------------------------------------------------ state: restore or init, never both
+        distributed.align("train-state")  # every process at the first collective (Orbax's) together
         checkpoints = TrainCheckpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every,
                                        timeout_s=config.get("checkpoint_timeout_s", SAVE_TIMEOUT_S))
         graphdef, tx, schedule, abstract = abstract_train_state(config)
