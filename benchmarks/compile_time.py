@@ -81,8 +81,7 @@ def _lower_grad(cfg: ModelConfig, scan: bool, remat: str, batch: int, dtype: str
     def loss(params, rest, pixels, tokens):
         out = nnx.merge(graphdef, params, rest)(pixels, tokens)
         logits = out.logit_scale * out.image_features @ out.text_features.T
-        aux = moe_aux({layer: record["moe"] for layer, record in out.records.items()})
-        return -jnp.mean(jnp.diag(jax.nn.log_softmax(logits))) + aux
+        return -jnp.mean(jnp.diag(jax.nn.log_softmax(logits))) + moe_aux(out.records)
 
     return jax.jit(jax.value_and_grad(loss)).lower(params, rest, pixels, tokens)
 

@@ -292,8 +292,10 @@ def load_checkpoint(path: PathLike, opt_state: bool = True) -> Checkpoint:
               for k, v in (abstract_block_params(config) if per_block else abstract_params(config)).items()}
 
     def stacked(params: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
-        check_params(params, config, what, blocks=per_block)
-        return from_blocks(params, config, what) if per_block else params
+        if per_block:
+            return from_blocks(params, config, what)  # checks the per-block names first
+        check_params(params, config, what)
+        return params
 
     if is_train_workdir(path):  # a clipup-train workdir: the latest complete step
         params, step = read_train_params(path, shapes)

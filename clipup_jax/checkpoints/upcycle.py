@@ -151,6 +151,7 @@ def upcycle(config: ModelConfig, params: Mapping[str, np.ndarray], opts: Upcycle
     for i, other in enumerate(multiplet, 1):
         same_architecture(params, other, f"{source}: multiplet checkpoint {i}")
     rules = key_rules(config, sparse, source)
+    stacked = params  # the input as the model holds it: what the k-means calibration runs unless averaged
     params, multiplet = to_blocks(params, config, source), [to_blocks(m, config, source) for m in multiplet]
     checkpoints = [params, *multiplet]
     # The dense model the sparse one starts nearest: the copied parameters, and the first checkpoint's MLPs
@@ -164,7 +165,8 @@ def upcycle(config: ModelConfig, params: Mapping[str, np.ndarray], opts: Upcycle
     if opts.router_init == "kmeans":
         if calibration is None:
             raise CheckpointError(f"{source}: router init 'kmeans' needs a calibration batch")
-        routers = cluster_routers(config, from_blocks(shared, config), sparse, calibration, opts.seed)
+        calibrated = stacked if shared is params else from_blocks(shared, config)
+        routers = cluster_routers(config, calibrated, sparse, calibration, opts.seed)
     experts = _Experts(sparse, opts, routers)
     out = {key: experts.param(key, rule, [c[src] for c in checkpoints] if rule == "tile"
                               else shared[src] if src else None) for key, (rule, src) in rules.items()}

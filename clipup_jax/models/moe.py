@@ -15,7 +15,7 @@ asks for none, and none are computed.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -126,10 +126,11 @@ class MoeMlp(nnx.Module):
         return metrics
 
 
-def moe_aux(records: Mapping[str, dict[str, jax.Array]]) -> jax.Array:
-    """The summed weighted aux loss of every MoE layer's metrics in `records` (`CLIPOutput.records`: layer name
-    -> that layer's "moe" metrics)."""
+def moe_aux(records: Mapping[Any, dict[str, Any]]) -> jax.Array:
+    """The summed weighted aux loss of every MoE layer in `records` (`CLIPOutput.records`, or an encoder's own:
+    layer -> what it recorded; layers without a "moe" record add nothing)."""
     total = jnp.zeros((), jnp.float32)
-    for metrics in records.values():
-        total = total + metrics["aux_loss"]
+    for record in records.values():
+        if "moe" in record:
+            total = total + record["moe"]["aux_loss"]
     return total

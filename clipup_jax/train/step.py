@@ -48,10 +48,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
         model.set_attributes(deterministic=False, records=("moe",), raise_if_not_found=False)
         out = model(batch["pixels"], batch["tokens"])
         contrastive = contrastive_loss(out.image_features, out.text_features, out.logit_scale, out.logit_bias)
-        per_layer = {layer: record["moe"] for layer, record in out.records.items()}
-        aux = moe_aux(per_layer)
+        aux = moe_aux(out.records)
         metrics = {"contrastive_loss": contrastive, "aux_loss": aux, "logit_scale": out.logit_scale}
-        for layer, values in per_layer.items():
+        for layer, record in out.records.items():
+            values = record["moe"]
             for key in ("drop_fraction", "router_entropy", "load_balancing", "router_z"):
                 if key in values:
                     metrics[f"moe/{layer}/{key}"] = values[key]

@@ -175,8 +175,7 @@ def test_aux_loss_sums_every_layer_and_reaches_the_router():
         model.set_attributes(records=("moe",), raise_if_not_found=False)
         out = model(pixels, tokens)
         assert len(out.records) == 4  # two MoE blocks in each tower
-        return jnp.sum(out.image_features * out.text_features) + aux_scale * moe_aux(
-            {layer: r["moe"] for layer, r in out.records.items()})
+        return jnp.sum(out.image_features * out.text_features) + aux_scale * moe_aux(out.records)
 
     grad = jax.jit(jax.grad(loss))  # one compile; the aux scale is traced
     with_aux, without = grad(params, 1.0), grad(params, 0.0)
@@ -239,8 +238,7 @@ def test_remat_changes_memory_not_results():
             model = nnx.merge(graphdef, params, rest)
             model.set_attributes(records=("moe",), raise_if_not_found=False)
             out = model(pixels, tokens)
-            return jnp.sum(out.image_features * out.text_features) + moe_aux(
-                {layer: r["moe"] for layer, r in out.records.items()})
+            return jnp.sum(out.image_features * out.text_features) + moe_aux(out.records)
 
         results.append(jax.jit(jax.value_and_grad(loss))(params))
     # Remat recomputes the same forward ops; XLA may fuse them differently. The tiny preset's longest reduction is

@@ -100,7 +100,7 @@ def _tower_value_and_grad(cfg: VisionConfig, **flags):
         tower.set_attributes(records=("moe",), raise_if_not_found=False)
         out, records = tower(pixels)
         per_layer = {i: r["moe"] for i, r in records.items() if r}
-        return jnp.sum(jnp.sin(3 * out)) + moe_aux(per_layer), per_layer
+        return jnp.sum(jnp.sin(3 * out)) + moe_aux(records), per_layer
 
     return nnx.merge(graphdef, params, rest), _run(jax.value_and_grad(loss, has_aux=True), params)[1]
 
@@ -141,7 +141,7 @@ def _clip_value_and_grad(cfg: ModelConfig, scan: bool):
         model.set_attributes(deterministic=False, records=("moe",), raise_if_not_found=False)
         out = model(pixels, tokens)
         per_layer = {layer: r["moe"] for layer, r in out.records.items()}
-        aux = moe_aux(per_layer)
+        aux = moe_aux(out.records)
         value = jnp.sum(out.image_features @ out.text_features.T * mix) + aux
         return value, (aux, per_layer, nnx.state(model, nnx.Not(nnx.Param)))
 
@@ -213,7 +213,7 @@ def _lowered_size(depth: int, scan: bool) -> tuple[int, str]:
         tower = nnx.merge(graphdef, p, r)
         tower.set_attributes(records=("moe",), raise_if_not_found=False)
         out, records = tower(pixels)
-        return jnp.sum(out) + moe_aux({i: rec["moe"] for i, rec in records.items() if rec})
+        return jnp.sum(out) + moe_aux(records)
 
     text = jax.jit(jax.grad(loss)).lower(params, rest).as_text()
     return len(text), text

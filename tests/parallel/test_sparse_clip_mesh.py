@@ -41,7 +41,7 @@ def _loss_fn(graphdef, rest):
         model = nnx.merge(graphdef, params, rest)
         model.set_attributes(records=("moe",), raise_if_not_found=False)
         out = model(pixels, tokens)
-        aux = moe_aux({layer: r["moe"] for layer, r in out.records.items()})
+        aux = moe_aux(out.records)
         logits = out.logit_scale * out.image_features @ out.text_features.T
         labels = jnp.arange(logits.shape[0])
         ce = -jnp.mean(jax.nn.log_softmax(logits)[labels, labels]) - jnp.mean(jax.nn.log_softmax(logits.T)[labels, labels])
