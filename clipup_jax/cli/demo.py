@@ -1,7 +1,8 @@
 """clipup-demo: CLIP-UP end to end on the embedded synthetic data set, on CPU (RESULTS.md: how long it takes).
 
-1. pre-train a tiny dense CLIP (the parent) on generated image-caption pairs, with a BPE tokenizer
-   trained on their captions;
+1. pre-train a tiny dense CLIP (the parent) on generated image-caption pairs (by default the catalogue of
+   named species, data/synthetic.py), with a BPE tokenizer trained on their captions, evaluating it as it goes
+   and saying whether its held-out retrieval has stopped improving (`PLATEAU_POINTS`);
 2. from the parent's checkpoint, continue three arms, each once per seed (`--seeds`): dense for the same steps,
    dense for the same training FLOPs, and CLIP-UP (every other block upcycled into a Mixture-of-Experts:
    experts = copies of the MLP); a seed sets data order, router init and noise, never the data set;
@@ -27,6 +28,11 @@ from clipup_jax.data.synthetic import WORLDS, make_source
 # Continued from the one parent, each once per seed; paired by seed in the comparisons.
 ARMS = ("dense", "dense-equal-flops", "clip-up")
 COMPARISONS = (("clip-up", "dense"), ("clip-up", "dense-equal-flops"))
+PARENT_EVALS = 4  # held-out evaluations during pre-training, the last at its end
+# The parent has stopped improving when its last evaluation interval adds less than this to T->I R@1 (points).
+PLATEAU_POINTS = 1.0
+
+
 def _step(message: str) -> None:
     print(f"\n=== {message}", flush=True)
 
@@ -53,6 +59,24 @@ def _set_world(config, args: argparse.Namespace) -> None:
     config.data.synthetic_world = args.world
     config.data.synthetic_species = args.species
     config.data.eval_size = args.eval_size
+
+
+def _parent_curve(history: dict[str, Any]) -> dict[str, Any]:
+    """The parent's held-out R@1 by step, and whether its last interval added under `PLATEAU_POINTS`."""
+    curve = [{"step": e["step"], **{k: e[k] for k in ("text_to_image_R@1", "image_to_text_R@1")}}
+             for e in history["eval"]]
+    gain = None if len(curve) < 2 else curve[-1]["text_to_image_R@1"] - curve[-2]["text_to_image_R@1"]
+    return {"curve": curve, "last_steps": None if gain is None else curve[-1]["step"] - curve[-2]["step"],
+            "last_gain": gain, "plateaued": gain is not None and 100 * gain < PLATEAU_POINTS}
+
+
+def _parent_line(parent: dict[str, Any]) -> str:
+    curve = " | ".join(f"{e['step']}: {100 * e['text_to_image_R@1']:.1f}" for e in parent["curve"])
+    if parent["last_gain"] is None:
+        return f"parent held-out T->I R@1 by step: {curve} (one evaluation: no plateau test)"
+    verdict = "plateaued" if parent["plateaued"] else "still improving: the arms fork mid-curve"
+    return (f"parent held-out T->I R@1 by step: {curve}; {100 * parent['last_gain']:+.1f} points over its last "
+            f"{parent['last_steps']} steps: {verdict} (plateau: under {PLATEAU_POINTS:g} point)")
 
 
 def _model_summary(config) -> dict[str, Any]:
@@ -105,7 +129,8 @@ def _verdict(report: dict[str, Any]) -> str:
     return f"CLIP-UP - dense = {100 * d['mean']:+.1f} points T->I R@1: inside seed noise (the interval holds zero)"
 
 
-def _figure(report: dict[str, Any], histories: dict[str, list[list[dict[str, Any]]]], path: pathlib.Path) -> None:
+def _figure(report: dict[str, Any], parent: dict[str, Any], histories: dict[str, list[list[dict[str, Any]]]],
+            path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +139,12 @@ def _figure(report: dict[str, Any], histories: dict[str, list[list[dict[str, Any
 
     from clipup_jax.train.sweep_report import HEADLINE
 
-    fig, (ax_r1, ax_loss, ax_load) = plt.subplots(1, 3, figsize=(17, 4.8))
+    fig, (ax_parent, ax_r1, ax_loss, ax_load) = plt.subplots(1, 4, figsize=(22, 4.8))
+    for key in HEADLINE:
+        ax_parent.plot([e["step"] for e in parent["curve"]], [100 * e[key] for e in parent["curve"]], marker="o",
+                       label=key.replace("_to_", "->").replace("text", "T").replace("image", "I").replace("_", " "))
+    ax_parent.set(title="the parent's held-out R@1 while pre-training", xlabel="step", ylabel="R@1 (%)")
+    ax_parent.legend(fontsize=8)
     names = list(report["arms"])
     for j, key in enumerate(HEADLINE):
         x = np.arange(len(names)) + (j - 0.5) * 0.38
@@ -195,9 +225,10 @@ def _demo(args: argparse.Namespace) -> None:
     parent_config.seed = seed
     _set_world(parent_config, args)
     parent_config.total_steps = pretrain_steps
-    parent_config.eval_every = pretrain_steps
+    parent_config.eval_every = max(1, pretrain_steps // PARENT_EVALS)
     parent_config.checkpoint_every = pretrain_steps
-    run_experiment(parent_config, workdir / "parent")
+    parent_curve = _parent_curve(run_experiment(parent_config, workdir / "parent"))
+    print(_parent_line(parent_curve), flush=True)
     parent = workdir / "parent"
     runs = [Run("parent", seed, parent, parent_config)]
 
@@ -222,10 +253,11 @@ def _demo(args: argparse.Namespace) -> None:
     _step(f"3/3 results over {seeds} seed{'s' if seeds > 1 else ''} (held-out generated pictures, in %)")
     print(_table(report))
     results = {"seed": seed, "seeds": seeds, "pretrain_steps": pretrain_steps, "arm_steps": arm_steps,
-               "eval_size": args.eval_size, "species": args.species, **report}
+               "world": args.world, "eval_size": args.eval_size, "species": args.species, "parent": parent_curve,
+               **report}
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    _figure(report, histories, workdir / "results.png")
-    print(f"\n{_verdict(report)}")
+    _figure(report, parent_curve, histories, workdir / "results.png")
+    print(f"\n{_parent_line(parent_curve)}\n{_verdict(report)}")
     print(f"wrote {workdir / 'results.json'} and {workdir / 'results.png'} in {time.perf_counter() - t0:.0f}s")
 
 
@@ -242,10 +274,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-size", type=int, default=demo_config().data.eval_size,
                         help="held-out pictures every run is evaluated on (catalogue: at most --species)")
     parser.add_argument("--world", choices=WORLDS, default=demo_config().data.synthetic_world,
-                        help="the generated data set: compositional scenes, or a catalogue of named species")
-    parser.add_argument("--species", type=int, default=demo_config().data.synthetic_species,
-                        help="made-up species: a long tail in the scenes, the whole catalogue in the catalogue world")
+                        help="the generated data set: a catalogue of named species, or compositional scenes")
+    parser.add_argument("--species", type=int, default=None,
+                        help="made-up species: the whole catalogue in the catalogue world (default "
+                             f"{demo_config().data.synthetic_species}), a long tail in the scenes (default none)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.species is None:  # the demo's own number of species belongs to its own world
+        defaults = demo_config().data
+        args.species = defaults.synthetic_species if args.world == defaults.synthetic_world else 0
     run_cli("clipup-demo", lambda: _demo(args))
 
 

@@ -1,27 +1,32 @@
-"""The embedded data set, in two worlds: procedurally drawn scenes of coloured shapes with compositional captions
-(``SyntheticCaptions``, the default), and a catalogue of named species to memorise (``SyntheticCatalogue``).
+"""The embedded data set, in two worlds: a catalogue of named species to memorise (``SyntheticCatalogue``, the
+demo's), and procedurally drawn scenes of coloured shapes with compositional captions (``SyntheticCaptions``).
 
 The demo must run on a fresh machine with no download, so images and captions are generated here, each example a
 pure function of ``(seed, split, index)``: any grain worker can make any example, and nothing is stored.
+
+The catalogue is CLIP's long tail of named fine-grained concepts (bird species, products, places) in miniature:
+``species`` made-up species, each a name of ``NAME_WORDS`` words from a lexicon of ``LEXICON_SIZE`` made-up words
+("a photo of a voki lamu pere.") and a look, the colours of its 2 x 2 markings; names and looks are paired at
+random. Seeing is easy by design (four flat colours, whatever the view), so what a model must do is store the
+pairing, which is what parameters buy: a name is a combination of words each shared by many names, so no token's
+embedding can hold it, and the text tower must compute it. Eval captions all occur in training; eval pictures are
+new views of the species. Measured (benchmarks/RESULTS.md, clipup-demo): continued from a parent that is still
+learning the pairing, CLIP-UP learns it faster than dense at the same steps. It is not capacity-bound in the strict
+sense: the demo's dense model memorises all 1,024 species in 3,000 steps, and one with a 16x narrower text MLP
+about as fast (attention stores the pairing too), so a catalogue that outgrows the dense model would need far more
+training than the minutes a 2-core CPU gives.
+
 A scene holds one or two *groups* of identical objects (shape, colour, size), e.g. "two small red circles above a
-large blue square". Retrieval needs binding (which colour goes with which shape, which group is on top), so a tiny
-model does not saturate it and capacity can matter. Captions are derived from the objects' positions only, so they
-are true of the picture by construction.
+large blue square". Retrieval needs binding (which colour goes with which shape, which group is on top). Captions
+are derived from the objects' positions only, so they are true of the picture by construction. ``species=K`` adds
+a long tail: K made-up glyph species (an irregular polygon each, a made-up name each, e.g. "a small red vokimu"),
+drawn for half of all groups with Zipf(1) frequencies over their rank. Measured (benchmarks/RESULTS.md): at the
+demo's budget the scenes, with or without the tail, are bound by optimisation steps and CLIP-UP gains nothing there.
 
-``species=K`` adds a long tail of fine-grained concepts: K made-up glyph species (an irregular polygon each, a
-made-up name each, e.g. "a small red vokimu"), drawn for half of all groups with Zipf(1) frequencies over their
-rank, so a few are common and most are rare. Binding a name to a glyph is memorisation: the more species, the
-more a model must store, which is where a sparse model's extra expert parameters can pay (measured in
-benchmarks/RESULTS.md).
-
-Train/eval separation is structural: every scene has a canonical caption; a hash of it puts 1 in ``EVAL_BUCKETS``
-captions in the eval reserve. Train redraws a scene whose canonical caption is reserved, eval redraws until it is,
-so no eval scene's description ever occurs in train (different seeds per split keep the draws independent too).
-
-The catalogue world asks the opposite of the scenes: no composition, only recall. Its eval captions all occur in
-training; its eval pictures are new views. It was built to make the demo's tiny models capacity-bound; measured
-(benchmarks/RESULTS.md), at the budget of minutes a 2-core CPU gives, they are still bound by optimisation steps
-in this world too.
+Train/eval separation in the scenes is structural: every scene has a canonical caption; a hash of it puts 1 in
+``EVAL_BUCKETS`` captions in the eval reserve. Train redraws a scene whose canonical caption is reserved, eval
+redraws until it is, so no eval scene's description ever occurs in train (different seeds per split keep the draws
+independent too).
 """
 
 from __future__ import annotations
@@ -437,47 +442,55 @@ class SyntheticCaptions:
 
 # ----- the catalogue world --------------------------------------------------------------------------------------------
 WORLDS = ("scenes", "catalogue")
-CATALOGUE_GLYPHS = 16
-CATALOGUE_BACKGROUNDS = ((70, 78, 92), (150, 150, 150), (40, 40, 40), (112, 82, 60), (58, 100, 70), (135, 125, 70),
-                         (95, 70, 115), (196, 196, 184))
+LEXICON_SIZE, NAME_WORDS = 16, 3  # a species' name: NAME_WORDS of the lexicon's made-up words
+MARKINGS = 4  # a species' look: the colours of its 2 x 2 markings
 CATALOGUE_TEMPLATES = ("a photo of a {}.", "a {}.", "this is a {}.")  # its captions, and its zero-shot prompts
-MAX_CATALOGUE_SPECIES = CATALOGUE_GLYPHS * len(COLOURS) * len(CATALOGUE_BACKGROUNDS)
-
-
-class Look(NamedTuple):
-    """What a catalogue species looks like: one of the glyphs, in one colour, on one background."""
-
-    glyph: int
-    colour: str
-    background: int
+MAX_CATALOGUE_SPECIES = min(LEXICON_SIZE ** NAME_WORDS, len(COLOURS) ** MARKINGS)
+_CATALOGUE_SEED = 20_261_206
+_PALETTE = np.array(list(COLOURS.values()), np.int16)
 
 
 @functools.cache
-def catalogue_looks(species: int, seed: int = 0) -> tuple[Look, ...]:
-    """Species i's look: distinct looks drawn at random (from `seed`), so a name says nothing about its look."""
-    codes = np.random.default_rng([_GLYPH_SEED, seed, species]).permutation(MAX_CATALOGUE_SPECIES)[:species]
-    per_glyph = len(COLOURS) * len(CATALOGUE_BACKGROUNDS)
-    return tuple(Look(int(c) // per_glyph, COLOUR_NAMES[int(c) % per_glyph // len(CATALOGUE_BACKGROUNDS)],
-                      int(c) % len(CATALOGUE_BACKGROUNDS)) for c in codes)
+def lexicon() -> tuple[str, ...]:
+    """The catalogue's words: LEXICON_SIZE made-up two-syllable words, fixed for all data sets."""
+    rng = np.random.default_rng(_CATALOGUE_SEED)
+    words: list[str] = []
+    while len(words) < LEXICON_SIZE:
+        word = "".join(_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))] for _ in range(2))
+        if word not in words:
+            words.append(word)
+    return tuple(words)
 
 
-def render_specimen(look: Look, d: _Draws, image_size: int = 64) -> np.ndarray:
-    """uint8 (image_size, image_size, 3): the species' glyph at a random place, size, tilt and shade, on its
-    background with a random texture tile (a new view each draw)."""
-    side = image_size * _SUPERSAMPLE
-    background = tuple(int(c + d.uniform(-10.0, 10.0)) for c in CATALOGUE_BACKGROUNDS[look.background])
-    image = Image.new("RGB", (side, side), background)
-    r = d.uniform(0.24, 0.36) * side
-    cx, cy = d.uniform(r, side - r), d.uniform(r, side - r)
-    angle = math.radians(d.uniform(-25.0, 25.0))
-    c, s = math.cos(angle), math.sin(angle)
-    shade = int(d.uniform(-15.0, 16.0))
-    fill = tuple(min(255, max(0, v + shade)) for v in COLOURS[look.colour])
-    ImageDraw.Draw(image).polygon([(cx + r * (u * c - v * s), cy + r * (u * s + v * c))
-                                   for u, v in _glyph(f"catalogue glyph {look.glyph}")], fill=fill)
+@functools.cache
+def catalogue_names(species: int, seed: int = 0) -> tuple[str, ...]:
+    """Species i's name: distinct NAME_WORDS-word combinations drawn at random (from `seed`)."""
+    codes = np.random.default_rng([_CATALOGUE_SEED, 0, seed, species]).permutation(LEXICON_SIZE ** NAME_WORDS)
+    return tuple(" ".join(lexicon()[int(c) // LEXICON_SIZE ** j % LEXICON_SIZE] for j in range(NAME_WORDS))
+                 for c in codes[:species])
+
+
+@functools.cache
+def catalogue_looks(species: int, seed: int = 0) -> tuple[tuple[str, ...], ...]:
+    """Species i's look, the colour names of its markings (top left, top right, bottom left, bottom right):
+    distinct looks drawn at random (from `seed`), independently of the names, so a name says nothing about its
+    look."""
+    codes = np.random.default_rng([_CATALOGUE_SEED, 1, seed, species]).permutation(len(COLOURS) ** MARKINGS)
+    return tuple(tuple(COLOUR_NAMES[int(c) // len(COLOURS) ** j % len(COLOURS)] for j in range(MARKINGS))
+                 for c in codes[:species])
+
+
+def render_specimen(look: Sequence[str], d: _Draws, image_size: int = 64) -> np.ndarray:
+    """uint8 (image_size, image_size, 3): the species' 2 x 2 markings, split at a random point near the centre,
+    each shaded at random, with a random texture tile on top (a new view each draw)."""
+    sx, sy = (int(image_size * d.uniform(0.4, 0.6)) for _ in range(2))
+    image = np.empty((image_size, image_size, 3), np.int16)
+    for (rows, cols), colour in zip(((slice(0, sy), slice(0, sx)), (slice(0, sy), slice(sx, None)),
+                                     (slice(sy, None), slice(0, sx)), (slice(sy, None), slice(sx, None))), look):
+        image[rows, cols] = _PALETTE[COLOUR_NAMES.index(colour)] + int(d.uniform(-20.0, 20.0))
     bank = _texture_bank(image_size)
     tile = np.rot90(bank[int(d.uniform() * len(bank))], int(d.uniform() * 4))
-    return np.clip(np.asarray(image.reduce(_SUPERSAMPLE)) + tile, 0, 255).astype(np.uint8)
+    return np.clip(image + tile, 0, 255).astype(np.uint8)
 
 
 class SyntheticCatalogue:
@@ -514,7 +527,7 @@ class SyntheticCatalogue:
         return i, species, d
 
     def _captions(self, species: int) -> tuple[str, ...]:
-        return tuple(t.format(species_names(self.species)[species]) for t in CATALOGUE_TEMPLATES)
+        return tuple(t.format(catalogue_names(self.species, self.seed)[species]) for t in CATALOGUE_TEMPLATES)
 
     def captions(self, index: int) -> tuple[str, ...]:
         return self._captions(self._view(index)[1])
@@ -527,7 +540,7 @@ class SyntheticCatalogue:
 
     def zero_shot_classes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(class names, prompt templates) of `label`: the species' names."""
-        return species_names(self.species), CATALOGUE_TEMPLATES
+        return catalogue_names(self.species, self.seed), CATALOGUE_TEMPLATES
 
 
 def make_source(split: str, world: str = "scenes", **options: Any) -> SyntheticCaptions | SyntheticCatalogue:

@@ -39,7 +39,7 @@ def base_config(model: ModelConfig | str) -> ml_collections.ConfigDict:
         # noise) varies a run without changing the data it trains and is evaluated on.
         "synthetic_seed": 0,
         # The embedded set's world (data/synthetic.py): "scenes" (compositional captions; `synthetic_species` adds
-        # a long tail of glyph species) or "catalogue" (`synthetic_species` named species to memorise).
+        # a long tail of glyph species) or "catalogue" (`synthetic_species` named species to memorise, the demo's).
         "synthetic_world": "scenes",
         "synthetic_species": 0,
     })
@@ -111,25 +111,27 @@ def continued_training(model: ModelConfig | str, expert_axis: int = 1) -> ml_col
     return config
 
 
-# The demo's tiny CLIP: big enough to learn the synthetic captions' composition, small enough for 2 CPU cores.
+# The demo's tiny CLIP: big enough to learn either embedded world, small enough for 2 CPU cores.
 DEMO_MODEL = ModelConfig(
     vision=VisionConfig(image_size=32, patch_size=8, width=64, depth=4, heads=4, mlp_dim=128),
     text=TextConfig(vocab_size=768, context_length=24, width=64, depth=4, heads=4, mlp_dim=128),
     embed_dim=64,
 )
-DEMO_PLAN = MoEPlan(layers="every_2", num_experts=4, top_k=2, capacity_factor=1.5, eval_capacity_factor=None,
-                    load_balancing_weight=0.01, z_loss_weight=0.001)
+DEMO_PLAN = CLIPUP_PLAN  # the demo upcycles with the recipe's own plan
 
 
-DEMO_PARENT_STEPS, DEMO_ARM_STEPS = 500, 300
+# The demo's parent forks mid-curve, where its held-out retrieval still rises (benchmarks/RESULTS.md, clipup-demo).
+DEMO_PARENT_STEPS, DEMO_ARM_STEPS = 1000, 300
 # What changes when an arm continues from the demo's parent (clipup-demo, experiments/sweeps/clipup_paper.py): a
 # reduced LR and a short warmup, as upcycling recipes do.
 DEMO_CONTINUED = {"optim.lr": 5e-4, "optim.warmup_steps": 20}
 
 
 def demo_config(model: ModelConfig = DEMO_MODEL) -> ml_collections.ConfigDict:
-    """Dense pre-training of the tiny CLIP on the embedded synthetic data set (the `clipup-demo` parent)."""
+    """Dense pre-training of the tiny CLIP on the embedded catalogue of named species (the `clipup-demo` parent)."""
     config = base_config(model)
+    config.data.synthetic_world = "catalogue"
+    config.data.synthetic_species = 1024
     config.data.eval_size = 500
     config.batch_size = 64
     config.total_steps = 300

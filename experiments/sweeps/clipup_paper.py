@@ -11,8 +11,8 @@ parent continued for `DEMO_ARM_STEPS` steps, seed by seed:
 (c) `shared-from-scratch`: the same with one backbone for both modalities (LIMoE-style), against (b);
 (d) aux losses: `aux-none`, `aux-lb` (load balancing only), CLIP-UP's own LB + z-loss, `aux-lb-z-entropy` (+ LIMoE's
     local and global entropy losses);
-(e) train capacity factor `cf1.0`, `cf1.25`, `cf2.0` (CLIP-UP's own: 1.5);
-(f) `e2`, `e8` experts (CLIP-UP's own: 4), `top1`;
+(e) train capacity factor 1.0 / 1.25 / 2.0 (`cf1.0` ...; the one that is CLIP-UP's own is `clip-up` itself);
+(f) 2 / 4 / 8 experts (`e2` ...; likewise), `top1`;
 (g) MoE in the `image-only` or `text-only` tower (CLIP-UP's own: both);
 (h) expert init: `init-noise`, `init-drop` (drop-upcycling), `init-kmeans` (routers from clusters); plain tiling
     with a random router is `clip-up` itself. Multiplet upcycling needs several dense parents and is left out.
@@ -61,9 +61,10 @@ def get_sweep() -> list[dict]:
         _upcycled("aux-lb", *_moe("z_loss_weight", 0.0)),
         _upcycled("aux-lb-z-entropy", *_moe("local_entropy_weight", 0.01), *_moe("global_entropy_weight", 0.01)),
         # (e)
-        *(_upcycled(f"cf{cf}", *_moe("capacity_factor", cf)) for cf in (1.0, 1.25, 2.0)),
+        *(_upcycled(f"cf{cf}", *_moe("capacity_factor", cf)) for cf in (1.0, 1.25, 2.0)
+          if cf != DEMO_PLAN.capacity_factor),
         # (f)
-        *(_upcycled(f"e{e}", *_moe("num_experts", e)) for e in (2, 8)),
+        *(_upcycled(f"e{e}", *_moe("num_experts", e)) for e in (2, 4, 8) if e != DEMO_PLAN.num_experts),
         _upcycled("top1", *_moe("top_k", 1)),
         # (g)
         _upcycled("image-only", "--config.model.text.moe=None"),

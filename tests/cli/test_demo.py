@@ -10,11 +10,18 @@ from tests.cli_helpers import invoke
 
 
 def test_demo_end_to_end(tmp_path, capsys):
-    argv = ["--workdir", tmp_path / "demo", "--pretrain-steps", "6", "--arm-steps", "4", "--seeds", "2", "--seed", "3",
+    argv = ["--workdir", tmp_path / "demo", "--pretrain-steps", "8", "--arm-steps", "4", "--seeds", "2", "--seed", "3",
             "--eval-size", "48"]
     code, out, err = invoke(demo, argv, capsys)
     assert code == 0, err
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["world"] == "catalogue" and results["species"] == 1024  # the demo's own world, by default
+    parent = results["parent"]  # evaluated as it trained, and tested for a plateau
+    assert [e["step"] for e in parent["curve"]] == [2, 4, 6, 8] and parent["last_steps"] == 2
+    last, before = (e["text_to_image_R@1"] for e in parent["curve"][:-3:-1])
+    assert parent["last_gain"] == pytest.approx(last - before)
+    assert parent["plateaued"] == (100 * parent["last_gain"] < 1.0)
+    assert "parent held-out T->I R@1 by step: 2: " in out
     arms = results["arms"]
     assert list(arms) == ["parent", "dense", "dense-equal-flops", "clip-up"]
     sparse, dense, equal = arms["clip-up"], arms["dense"], arms["dense-equal-flops"]

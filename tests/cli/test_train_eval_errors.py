@@ -90,7 +90,7 @@ CASES = [
     # The checkpoint gives the model: a --config.model.* override it contradicts names both values.
     ("train-init-other-plan", train_main, [*TRAIN_SPARSE, "--config.model.vision.moe.num_experts=2",
                                            "--config.init.checkpoint={sparse_ckpt}"],
-     "these overrides contradict it (override -> checkpoint): model.vision.moe.num_experts: 2 -> 4"),
+     "these overrides contradict it (override -> checkpoint): model.vision.moe.num_experts: 2 -> 8"),
     ("train-init-dense-other-dims", train_main, [*TRAIN_SPARSE, "--config.model.embed_dim=32",
                                                  "--config.model.text.depth=2", "--config.init.checkpoint={dense_ckpt}"],
      "model.embed_dim: 32 -> 64; model.text.depth: 2 -> 4"),

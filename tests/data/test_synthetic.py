@@ -1,5 +1,6 @@
 """The embedded data set: deterministic, captions true of the pictures, disjoint splits, grain- and tokenizer-ready."""
 
+import collections
 import re
 
 import grain
@@ -203,7 +204,7 @@ def test_species_are_a_zipf_long_tail_of_named_glyphs():
 # ----- the catalogue world ------------------------------------------------------------------------------------------
 def test_catalogue_pairs_names_and_looks_at_random_and_eval_shows_each_species_once():
     train, again = syn.SyntheticCatalogue("train", 40, species=12), syn.SyntheticCatalogue("train", 40, species=12)
-    names = syn.species_names(12)
+    names = syn.catalogue_names(12)
     for i in (0, 5, 39):
         x = train[i]
         assert x["image"].tobytes() == again[i]["image"].tobytes() and x["captions"] == train.captions(i)
@@ -212,19 +213,38 @@ def test_catalogue_pairs_names_and_looks_at_random_and_eval_shows_each_species_o
     evals = syn.SyntheticCatalogue("eval", 30, species=12)
     assert [evals[i]["label"] for i in range(30)] == [i % 12 for i in range(30)]
     assert evals.zero_shot_classes() == (names, syn.CATALOGUE_TEMPLATES)
-    # Two views of one species differ; the look (glyph, colour, background) is one per species, all distinct.
+    # Two views of one species differ; the look (the markings' colours) is one per species, all distinct.
     same = [i for i in range(40) if train[i]["label"] == evals[0]["label"]]
     assert same and train[same[0]]["image"].tobytes() != evals[0]["image"].tobytes()
     looks = syn.catalogue_looks(12, 0)
     assert len(set(looks)) == 12 and looks != syn.catalogue_looks(12, 1)  # the data set seed re-pairs them
-    background = np.array(syn.CATALOGUE_BACKGROUNDS[looks[evals[0]["label"]].background])
-    corner = evals[0]["image"][:3, :3].reshape(-1, 3).mean(axis=0)  # the glyph never reaches a corner pixel
-    assert np.abs(corner - background).max() < 25
+    assert syn.catalogue_names(12, 1) != names
+    for x in (evals[0], evals[7], train[3]):  # each corner shows its marking's colour (shade and texture aside)
+        image = x["image"].astype(float)
+        corners = [image[:4, :4], image[:4, -4:], image[-4:, :4], image[-4:, -4:]]
+        for corner, colour in zip(corners, looks[x["label"]]):
+            assert np.abs(corner.reshape(-1, 3).mean(axis=0) - syn.COLOURS[colour]).max() < 40
+
+
+def test_catalogue_names_need_every_word():
+    """No one word of a name tells its species: each word is shared by many names, and the pairing of names with
+    looks is random, so only the whole combination does (what makes the text tower memorise)."""
+    names = syn.catalogue_names(1024)
+    assert len(set(names)) == 1024 and all(len(n.split()) == syn.NAME_WORDS for n in names)
+    assert {w for n in names for w in n.split()} == set(syn.lexicon())
+    for position in range(syn.NAME_WORDS):
+        counts = collections.Counter(n.split()[position] for n in names)
+        assert min(counts.values()) > 30
+    looks = syn.catalogue_looks(1024)
+    first = collections.defaultdict(set)
+    for n, look in zip(names, looks):
+        first[n.split()[0]].add(look[0])
+    assert all(len(colours) == len(syn.COLOURS) for colours in first.values())  # a first word fixes no colour
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(world="catalogue", species=1), "2 <= species <= 1024"),
-    (dict(world="catalogue", species=1025), "2 <= species <= 1024"),
+    (dict(world="catalogue", species=1), "2 <= species <= 4096"),
+    (dict(world="catalogue", species=4097), "2 <= species <= 4096"),
     (dict(world="catalogue", species=8, max_objects=2), "catalogue world.*max_objects"),
     (dict(world="cities"), "world 'cities': expected one of scenes, catalogue"),
 ])
