@@ -201,16 +201,22 @@ def describe(scene: Scene) -> tuple[str, ...]:
     return (first, second, f"{prefix} {body}")
 
 
+def _made_up_words(k: int, syllables: int, seed: int) -> tuple[str, ...]:
+    """K distinct made-up words of `syllables` consonant-vowel syllables (no English word of the captions is one)."""
+    rng = np.random.default_rng(seed)
+    words: list[str] = []
+    while len(words) < k:
+        word = "".join(_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
+                       for _ in range(syllables))
+        if word not in words:
+            words.append(word)
+    return tuple(words)
+
+
 @functools.cache
 def species_names(k: int) -> tuple[str, ...]:
-    """K distinct made-up words of three consonant-vowel syllables (no English word of the captions is one)."""
-    rng = np.random.default_rng(_GLYPH_SEED)
-    names: list[str] = []
-    while len(names) < k:
-        word = "".join(_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))] for _ in range(3))
-        if word not in names:
-            names.append(word)
-    return tuple(names)
+    """The scenes' K glyph species: made-up words of three syllables, the same first ones whatever K."""
+    return _made_up_words(k, 3, _GLYPH_SEED)
 
 
 def class_names(species: int = 0) -> tuple[str, ...]:
@@ -453,13 +459,7 @@ _PALETTE = np.array(list(COLOURS.values()), np.int16)
 @functools.cache
 def lexicon() -> tuple[str, ...]:
     """The catalogue's words: LEXICON_SIZE made-up two-syllable words, fixed for all data sets."""
-    rng = np.random.default_rng(_CATALOGUE_SEED)
-    words: list[str] = []
-    while len(words) < LEXICON_SIZE:
-        word = "".join(_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))] for _ in range(2))
-        if word not in words:
-            words.append(word)
-    return tuple(words)
+    return _made_up_words(LEXICON_SIZE, 2, _CATALOGUE_SEED)
 
 
 @functools.cache
