@@ -496,12 +496,11 @@ def render_specimen(look: Sequence[str], d: _Draws, image_size: int = 64) -> np.
 class SyntheticCatalogue:
     """The catalogue world: `species` made-up species, each a made-up name and a look, paired at random.
 
-    Captions name the species and nothing else ("a photo of a vokimu."), so matching a caption to a picture is
-    recall of memorised pairs, CLIP's long tail of named fine-grained concepts (bird species, products, places)
-    in miniature: the more species, the more a model must store, and storing is what parameters buy. Eval
-    pictures are new views (place, size, tilt, shade, texture) of species seen in training; eval example i shows
-    species i mod `species`, so an eval set of at most `species` examples holds each species once and no caption
-    matches two pictures. The pairing is fixed by `seed` (the data set); the split only changes the views.
+    Captions name the species and nothing else ("a photo of a voki lamu pere."), so matching a caption to a
+    picture is recall of memorised pairs (the module docstring says why). Eval pictures are new views (where the
+    markings meet, their shades, the texture) of species seen in training; eval example i shows species
+    i mod `species`, so an eval set of at most `species` examples holds each species once and no caption matches
+    two pictures. The pairing is fixed by `seed` (the data set); the split only changes the views.
     """
 
     def __init__(self, split: str, size: int, image_size: int = 64, seed: int = 0, species: int = 256) -> None:
