@@ -65,13 +65,15 @@ class Block(nnx.Module):
         else:
             self.mlp = MoeMlp(width, mlp_dim, depth, activation, moe, rngs, dtype)
 
-    def __call__(self, x: jax.Array, causal: bool, records: tuple[str, ...] = ()) -> tuple[jax.Array, Record]:
-        """The block's output and what `records` asks of it ("moe" only where the MLP is one)."""
+    def __call__(self, x: jax.Array, causal: bool, records: tuple[str, ...] = (), routed: jax.Array | None = None
+                 ) -> tuple[jax.Array, Record]:
+        """The block's output and what `records` asks of it ("moe" only where the MLP is one); `routed` as
+        `MoeMlp.forward` takes it."""
         x = x + self.attn(self.ln_1(x), causal)
         h = self.ln_2(x)
         record = {"mlp_input": h} if "mlp_input" in records else {}
         if isinstance(self.mlp, MoeMlp):
-            y, metrics = self.mlp.forward(h, metrics="moe" in records)
+            y, metrics = self.mlp.forward(h, metrics="moe" in records, routed=routed)
             if metrics is not None:
                 record["moe"] = metrics
         else:
@@ -185,18 +187,20 @@ class Encoder(nnx.Module):
             nnx.List([_stacked([blocks[seg.block(j, r)] for r in range(seg.repeats)]) for j in range(seg.period)])
             for seg in self.segments])
 
-    def __call__(self, x: jax.Array, causal: bool) -> tuple[jax.Array, dict[int, Record]]:
-        """The blocks' output and, per block index, what `self.records` asks (empty dicts when nothing is)."""
+    def __call__(self, x: jax.Array, causal: bool, routed: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[int, Record]]:
+        """The blocks' output and, per block index, what `self.records` asks (empty dicts when nothing is).
+        `routed` (B, L) bool: the tokens MoE blocks dispatch at inference (`MoeMlp.forward`; None: all)."""
         unknown = set(self.records) - set(RECORDS)
         if unknown:
             raise ValueError(f"records {sorted(unknown)}: expected some of {', '.join(RECORDS)}")
         records: dict[int, Record] = {}
         for seg, stack in zip(self.segments, self.layers):
-            x, per_block = self._segment(seg, list(stack), x, causal)
+            x, per_block = self._segment(seg, list(stack), x, causal, routed)
             records.update(per_block)
         return x, records
 
-    def _segment(self, seg: Segment, stack: list[Block], x: jax.Array, causal: bool
+    def _segment(self, seg: Segment, stack: list[Block], x: jax.Array, causal: bool, routed: jax.Array | None
                  ) -> tuple[jax.Array, dict[int, Record]]:
         """One segment as a pure function of its stacked state: a `lax.scan` over the repeats (scan=True) or a
         python loop over them, each period checkpointed under the remat policy. Afterwards the stacked blocks get
@@ -205,7 +209,7 @@ class Encoder(nnx.Module):
             records: dict[int, Record] = {}
             for r in range(seg.repeats):
                 for j, layers in enumerate(stack):
-                    x, records[seg.block(j, r)] = layers[r](x, causal, self.records)
+                    x, records[seg.block(j, r)] = layers[r](x, causal, self.records, routed)
             return x, records
         splits = [nnx.split(block, nnx.Param, ...) for block in stack]
         graphdefs = [g for g, _, _ in splits]
@@ -217,7 +221,7 @@ class Encoder(nnx.Module):
             for j, (graphdef, (params, rest)) in enumerate(zip(graphdefs, states)):
                 block = nnx.merge(graphdef, params, rest)
                 before = [var.get_value() for _, var in nnx.to_flat_state(nnx.state(block, nnx.Not(nnx.Param)))]
-                h, rec = block(h, causal, asked)
+                h, rec = block(h, causal, asked, routed)
                 after = nnx.to_flat_state(nnx.state(block, nnx.Not(nnx.Param)))
                 updates = [(path, var.get_value()) for (path, var), old in zip(after, before)
                            if var.get_value() is not old]

@@ -59,8 +59,14 @@ class MoeMlp(nnx.Module):
         """x: (G, S, D), one routing group per sample."""
         return self.forward(x)[0]
 
-    def forward(self, x: jax.Array, metrics: bool = False) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-        """The layer's output and, when `metrics`, its routing metrics and weighted `aux_loss` (else None)."""
+    def forward(self, x: jax.Array, metrics: bool = False, routed: jax.Array | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """The layer's output and, when `metrics`, its routing metrics and weighted `aux_loss` (else None).
+
+        `routed` (G, S) bool marks the tokens whose output can reach the model's (a causal tower's tokens up
+        to the pooled one); at inference only those are dispatched, the rest pass through the residual. In
+        training every token is routed: the recipe's capacity and aux losses are defined over all of them.
+        """
         plan = self.plan
         g, s, _ = x.shape
         e = plan.num_experts
@@ -84,10 +90,12 @@ class MoeMlp(nnx.Module):
         c = routing.capacity(s, e, plan.top_k, factor)
         noise = plan.router_noise_std if train else 0.0
         keys = jax.random.split(self.rngs(), g) if noise > 0 else None
-        route = jax.vmap(lambda lg, key: routing.top_k_routing(
+        routed = None if train else routed
+        route = jax.vmap(lambda lg, key, live: routing.top_k_routing(
             lg, plan.top_k, c, renormalize=plan.renormalize_gates, batch_priority=plan.batch_priority,
-            noise_std=noise, rng=key), in_axes=(0, 0 if keys is not None else None))
-        r = dispatcher.group_local(route)(logits, keys)
+            noise_std=noise, rng=key, routed=live),
+            in_axes=(0, 0 if keys is not None else None, 0 if routed is not None else None))
+        r = dispatcher.group_local(route)(logits, keys, routed)
         y = chosen(x, r, c, w, act)
         if not metrics:
             return y, None

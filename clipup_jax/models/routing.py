@@ -86,13 +86,16 @@ def _priority_order(top1_prob: jax.Array, batch_priority: bool) -> jax.Array:
     return jnp.argsort(-top1_prob, stable=True)
 
 
-def _slots(expert_index: jax.Array, order: jax.Array, num_experts: int) -> jax.Array:
-    """Position of each (token, choice) in its expert's buffer.
+def _slots(expert_index: jax.Array, order: jax.Array, num_experts: int, routed: jax.Array | None = None
+           ) -> jax.Array:
+    """Position of each (token, choice) in its expert's buffer; tokens not `routed` take none.
 
     All choice-0 assignments (in `order`) come before any choice-1 assignment, so a token's first
     choice never loses its slot to another token's second choice.
     """
     t, k = expert_index.shape
+    if routed is not None:  # an index past the experts one-hot encodes to zeros: it counts for no expert
+        expert_index = jnp.where(routed[:, None], expert_index, num_experts)
     ordered = expert_index[order].T  # (k, T): choice-major, then priority order
     one_hot = jax.nn.one_hot(ordered.reshape(k * t), num_experts, dtype=jnp.int32)  # (k*T, E)
     earlier = jnp.cumsum(one_hot, axis=0) - one_hot  # exclusive running count per expert
@@ -102,7 +105,7 @@ def _slots(expert_index: jax.Array, order: jax.Array, num_experts: int) -> jax.A
 
 def top_k_routing(logits: jax.Array, top_k: int, capacity: int, renormalize: bool = True,
                   batch_priority: bool = False, noise_std: float = 0.0,
-                  rng: jax.Array | None = None) -> Routing:
+                  rng: jax.Array | None = None, routed: jax.Array | None = None) -> Routing:
     """Token-choice top-k routing with a per-expert capacity (GShard/Switch/V-MoE).
 
     - noise (train only; pass 0 at eval): `logits + noise_std * N(0, 1)` decides the top-k and the
@@ -117,6 +120,8 @@ def top_k_routing(logits: jax.Array, top_k: int, capacity: int, renormalize: boo
       `batch_priority` (V-MoE BPR) by the raw top-1 probability descending (ties: lower token index),
       so low-confidence tokens are the ones dropped. Raw rather than renormalised, since with top-1
       the renormalised gate is always 1.
+    - `routed` (T,) bool, optional: only these tokens are dispatched; the others are dropped (gate 0)
+      and take no slot, so they cost no expert work and crowd out no routed token.
     """
     logits = _check_logits(logits)
     num_tokens, num_experts = logits.shape
@@ -135,10 +140,12 @@ def top_k_routing(logits: jax.Array, top_k: int, capacity: int, renormalize: boo
     top_probs, expert_index = jax.lax.top_k(jax.nn.softmax(noisy_logits, axis=-1), top_k)
     gate = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True) if renormalize else top_probs
     order = _priority_order(top_probs[:, 0], batch_priority)
-    slot = _slots(expert_index, order, num_experts)
+    slot = _slots(expert_index, order, num_experts, routed)
     # A token reaches an expert at most once, so `num_tokens` slots never drop one: then `kept` does not read the
     # slots, and paths that never look at them (the sorted ones) skip computing them.
     kept = slot < capacity if capacity < num_tokens else jnp.ones(slot.shape, bool)
+    if routed is not None:
+        kept = kept & routed[:, None]
     return Routing(
         expert_index=expert_index.astype(jnp.int32),
         gate=jnp.where(kept, gate, 0.0),

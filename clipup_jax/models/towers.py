@@ -104,7 +104,10 @@ class TextTower(nnx.Module):
         length = tokens.shape[1]
         x = jnp.take(self.token_embed[...], tokens, axis=0).astype(self.dtype)
         x = x + self.pos_embed[...][:length].astype(self.dtype)
-        x, records = self.encoder(x, causal=cfg.causal)
+        pool = text_pool_index(cfg, tokens)
+        # Causal attention: no token after the pooled one reaches it, so MoE blocks need not dispatch those.
+        routed = jnp.arange(length) <= pool[:, None] if cfg.causal else None
+        x, records = self.encoder(x, causal=cfg.causal, routed=routed)
         # LayerNorm is per token, so pooling before ln_final is exact and B x fewer rows to normalise.
-        pooled = x[jnp.arange(x.shape[0]), text_pool_index(cfg, tokens)]
+        pooled = x[jnp.arange(x.shape[0]), pool]
         return self.proj(self.ln_final(pooled)), records

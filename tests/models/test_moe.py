@@ -187,6 +187,31 @@ def test_aux_loss_sums_every_layer_and_reaches_the_router():
     assert np.all(np.isfinite(flat_a[expert][...]))
 
 
+@pytest.mark.parametrize("path", ["expert_loop", "padded"])
+def test_text_tokens_after_the_pooled_one_are_not_dispatched(path):
+    """At inference a causal text tower routes only the tokens up to its EOT: they alone reach the features."""
+    cfg = _sparse_tiny(layers=(0, 1), eval_capacity_factor=None, eval_dispatch=path)
+    model = CLIP(cfg, nnx.Rngs(0))
+    model.eval()
+    t = cfg.text
+    ends = np.array([3, 9, t.context_length - 1])
+    tokens = np.random.RandomState(0).randint(1, t.vocab_size - 1, (len(ends), t.context_length)).astype(np.int32)
+    tokens[np.arange(len(ends)), ends] = t.vocab_size - 1  # the EOT: the largest id, where the text is pooled
+    model.set_attributes(records=("moe",), raise_if_not_found=False)
+    _, records = model.text(jnp.asarray(tokens))
+    for record in records.values():  # the captions' mean share of unrouted tokens, in every MoE block
+        assert float(record["moe"]["drop_fraction"]) == pytest.approx(np.mean(1 - (ends + 1) / t.context_length))
+    model.set_attributes(records=(), raise_if_not_found=False)
+    got = model.encode_text(jnp.asarray(tokens))
+    # Reference: each caption cut after its EOT, where every token is routed.
+    want = np.concatenate([model.encode_text(jnp.asarray(tokens[i:i + 1, :end + 1])) for i, end in enumerate(ends)])
+    assert_close(got, want, reduction_bound(t.width, chain=8), "text features")
+    model.train()  # training routes every token: the recipe's capacity and aux losses count them all
+    model.set_attributes(records=("moe",), raise_if_not_found=False)
+    _, records = model.text(jnp.asarray(tokens))
+    assert all(float(r["moe"]["drop_fraction"]) < 0.2 for r in records.values())
+
+
 def test_shared_backbone_holds_one_encoder():
     cfg = preset("tiny")
     text = dataclasses.replace(cfg.text, width=48, heads=3, mlp_dim=96)

@@ -59,6 +59,17 @@ def test_top1_first_tokens_win_and_drops_get_zero_gate():
     assert float(routing.drop_fraction(r)) == pytest.approx(0.5)
 
 
+def test_unrouted_tokens_are_dropped_and_take_no_slot():
+    routed = jnp.array([False, True, False, True])
+    r = routing.top_k_routing(ALL_TO_E0, top_k=1, capacity=2, routed=routed)
+    # Without the mask tokens 0 and 1 would hold expert 0's two slots (the previous test); here 1 and 3 do.
+    np.testing.assert_array_equal(r.kept, [[False], [True], [False], [True]])
+    np.testing.assert_array_equal(r.slot[routed], [[0], [1]])
+    np.testing.assert_allclose(r.gate, [[0.0], [1.0], [0.0], [1.0]])
+    dropless = routing.top_k_routing(TOP2, top_k=2, capacity=3, routed=jnp.array([True, False, True]))
+    np.testing.assert_array_equal(dropless.kept, [[True, True], [False, False], [True, True]])
+
+
 def test_raw_gates_are_the_softmax_probabilities():
     r = route(ALL_TO_E0, top_k=1, capacity=2, renormalize=False)
     np.testing.assert_allclose(r.gate, [[sigmoid(2)], [sigmoid(1)], [0.0], [0.0]], rtol=1e-6)
