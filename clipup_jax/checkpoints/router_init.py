@@ -15,13 +15,14 @@ import zlib
 from typing import Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from clipup_jax.checkpoints.errors import CheckpointError
 from clipup_jax.checkpoints.params import model_from_params
 from clipup_jax.config import TOWERS, ModelConfig
-from clipup_jax.models.towers import text_pool_index
+from clipup_jax.models.towers import routed_tokens
 
 KMEANS_ITERATIONS = 50  # Lloyd iterations at most; it stops when no assignment changes
 
@@ -34,7 +35,8 @@ class Calibration(NamedTuple):
 def mlp_inputs(cfg: ModelConfig, params: Mapping[str, np.ndarray], calibration: Calibration
                ) -> dict[str, np.ndarray]:
     """'<tower>/encoder/blocks/<i>/mlp' -> every token its MLP sees on the calibration batch, (N, width): all
-    image tokens, and text tokens up to each caption's end-of-text (padding is never routed by meaning)."""
+    image tokens, and the text tokens its router dispatches at inference (`routed_tokens`: up to each caption's
+    pooled token in a causal tower), so padding does not pull the centroids."""
     model = model_from_params(cfg, params, source="calibration model")
     model.set_attributes(records=("mlp_input",), raise_if_not_found=False)
     graphdef, state = nnx.split(model)
@@ -44,11 +46,8 @@ def mlp_inputs(cfg: ModelConfig, params: Mapping[str, np.ndarray], calibration: 
         return nnx.merge(graphdef, state)(pixels, tokens).records
 
     records = run(state, calibration.pixels, calibration.tokens)
-    length = calibration.tokens.shape[1]
-    if cfg.text.pool in ("argmax", "eos"):  # pooled at the end-of-text token: later positions are padding
-        keep = np.arange(length)[None, :] <= np.asarray(text_pool_index(cfg.text, calibration.tokens))[:, None]
-    else:
-        keep = np.ones(calibration.tokens.shape, bool)
+    routed = routed_tokens(cfg.text, jnp.asarray(calibration.tokens))
+    keep = np.ones(calibration.tokens.shape, bool) if routed is None else np.asarray(routed)
     out: dict[str, list[np.ndarray]] = {}
     for layer, record in records.items():
         h = np.asarray(record["mlp_input"])

@@ -77,6 +77,15 @@ def text_pool_index(cfg: TextConfig, tokens: jax.Array) -> jax.Array:
     return jnp.full(tokens.shape[:1], 0 if cfg.pool == "first" else tokens.shape[1] - 1)
 
 
+def routed_tokens(cfg: TextConfig, tokens: jax.Array) -> jax.Array | None:
+    """(B, L) bool: the positions whose MLP output can reach the pooled feature, the ones MoE blocks dispatch at
+    inference and calibrate routers on; None where every position can (a bidirectional tower). Causal attention
+    carries nothing back from a later token, so a caption's tokens after its pooled one never matter."""
+    if not cfg.causal:
+        return None
+    return jnp.arange(tokens.shape[1]) <= text_pool_index(cfg, tokens)[:, None]
+
+
 class TextTower(nnx.Module):
     """Token + position embedding, causal blocks, ln_final, pool (at EOT by default, `text_pool_index`), project."""
 
@@ -104,10 +113,7 @@ class TextTower(nnx.Module):
         length = tokens.shape[1]
         x = jnp.take(self.token_embed[...], tokens, axis=0).astype(self.dtype)
         x = x + self.pos_embed[...][:length].astype(self.dtype)
-        pool = text_pool_index(cfg, tokens)
-        # Causal attention: no token after the pooled one reaches it, so MoE blocks need not dispatch those.
-        routed = jnp.arange(length) <= pool[:, None] if cfg.causal else None
-        x, records = self.encoder(x, causal=cfg.causal, routed=routed)
+        x, records = self.encoder(x, causal=cfg.causal, routed=routed_tokens(cfg, tokens))
         # LayerNorm is per token, so pooling before ln_final is exact and B x fewer rows to normalise.
-        pooled = x[jnp.arange(x.shape[0]), pool]
+        pooled = x[jnp.arange(x.shape[0]), text_pool_index(cfg, tokens)]
         return self.proj(self.ln_final(pooled)), records
