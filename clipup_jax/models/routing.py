@@ -180,7 +180,8 @@ def assignment_counts(r: Routing, num_experts: int | None = None) -> jax.Array:
 
 
 def drop_fraction(r: Routing) -> jax.Array:
-    """Fraction of (token, choice) assignments dropped for lack of capacity, float32 scalar."""
+    """Fraction of (token, choice) assignments not kept (dropped for lack of capacity, or not `routed`), float32
+    scalar."""
     return 1.0 - jnp.mean(r.kept.astype(jnp.float32), axis=(-2, -1))
 
 
