@@ -213,7 +213,9 @@ def test_text_tokens_after_the_pooled_one_are_not_dispatched(path):
     got = encode(nnx.state(model), tokens)[0]
     # Reference: each caption cut after its EOT, where every token is routed.
     want = np.concatenate([encode(nnx.state(model), tokens[i:i + 1, :end + 1])[0] for i, end in enumerate(ends)])
-    assert_close(got, want, reduction_bound(t.width, chain=8), "text features")
+    # The widest reduction is the MLP's (mlp_dim terms), chained about 12 times through the tower, as in
+    # test_clip's truncation test; the MoE blocks add no longer one (gates over k=2).
+    assert_close(got, want, reduction_bound(t.mlp_dim, chain=12), "text features")
     # Training routes every token (the recipe's capacity and aux losses count them all): capacity drops only.
     assert max(drop_fractions(train=True)) < 0.2
 
