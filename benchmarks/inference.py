@@ -45,8 +45,10 @@ TOWERS = ("image", "text", "short text")
 
 
 def captions(cfg: ModelConfig, batch: int, length: int, seed: int = 0) -> np.ndarray:
-    """(batch, context) random token ids: `length` tokens ending with the EOT (the largest id), zeros after."""
+    """(batch, context) random token ids: `length` tokens (at most the context) ending with the EOT (the largest
+    id), zeros after."""
     t = cfg.text
+    length = min(length, t.context_length)
     tokens = np.random.RandomState(seed).randint(1, t.vocab_size - 1, (batch, t.context_length)).astype(np.int32)
     tokens[:, length - 1] = t.vocab_size - 1
     tokens[:, length:] = 0
@@ -77,7 +79,7 @@ def check_paths(cfg: ModelConfig, batch: int) -> float:
     params = {name: a * 50 if name.endswith("/router_kernel") else a for name, a in host_params(cfg, seed=1).items()}
     pixels = inputs(cfg, batch, seed=1)["pixels"]
     tokens = np.concatenate([captions(cfg, batch, cfg.text.context_length, seed=1),
-                             captions(cfg, batch, min(SHORT_CAPTION, cfg.text.context_length), seed=2)])
+                             captions(cfg, batch, SHORT_CAPTION, seed=2)])
     reference = cfg.with_moe(dataclasses.replace(cfg.vision.moe, eval_dispatch="padded"))
     out = []
     for c in (cfg, reference):
@@ -93,10 +95,9 @@ def measure(configs: dict[str, ModelConfig], batch: int, reps: int,
     calls = {}
     for name, cfg in configs.items():
         image, text, state = _encoders(cfg, host_params(cfg), dtype)
-        short = min(SHORT_CAPTION, cfg.text.context_length)
         for tower, fn, arg in (("image", image, inputs(cfg, batch)["pixels"]),
                                ("text", text, captions(cfg, batch, cfg.text.context_length)),
-                               ("short text", text, captions(cfg, batch, short))):
+                               ("short text", text, captions(cfg, batch, SHORT_CAPTION))):
             started = time.perf_counter()
             compiled = fn.lower(state, arg).compile()
             jax.block_until_ready(compiled(state, arg))
