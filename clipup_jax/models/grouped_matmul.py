@@ -1,7 +1,8 @@
 """Grouped matmuls for the sorted dispatches: rows sorted by expert times that expert's weight.
 
 `lhs` (R, K) rows are grouped contiguously by expert, `group_sizes` (E,) sums to at
-most R (rows past the sum belong to no expert and come out as zeros), `rhs` is
+most R (rows past the sum belong to no expert, and what a kernel writes there is not
+defined: Megablox leaves them unwritten, so callers cover every row), `rhs` is
 (E, K, N). Backends:
 
 * `ragged_dot`: `jax.lax.ragged_dot`. XLA:TPU and XLA:GPU (cuDNN) have grouped
