@@ -133,6 +133,7 @@ class ChunkSchedule:
     Each chunk reads the expert's weights once, so one chunk per expert is what small batches want (at inference
     an expert's weights outweigh its few hundred rows); each remainder size is a branch of the compiled program,
     so a finer `step` wastes fewer rows but compiles more code (training's backward runs the schedule too).
+    `step` is the finest; `for_rows` coarsens it where experts get many rows.
     """
 
     largest: int
@@ -142,9 +143,17 @@ class ChunkSchedule:
         if not (0 < self.step <= self.largest and self.largest % self.step == 0):
             raise ValueError(f"ChunkSchedule({self.largest}, {self.step}): step must divide largest")
 
-    def for_rows(self, n: int) -> ChunkSchedule:
-        """The schedule for `n` rows in all: no chunk larger than they can fill (the compiled slices must fit)."""
-        return ChunkSchedule(min(self.largest, -(-n // self.step) * self.step), self.step)
+    def for_rows(self, n: int, experts: int) -> ChunkSchedule:
+        """The schedule for `n` rows in all over `experts` experts.
+
+        No chunk is larger than the rows can fill (the compiled slices must fit). The step doubles, up to a
+        quarter of `largest`, while it stays within 1/32 of an expert's expected rows: a remainder chunk then
+        wastes under 1/32 of them, and experts with thousands of rows compile a few remainder sizes, not dozens.
+        """
+        step = self.step
+        while 2 * step <= min(self.largest // 4, n / experts / 32) and self.largest % (2 * step) == 0:
+            step *= 2
+        return ChunkSchedule(min(self.largest, -(-n // step) * step), step)
 
 
 TRAIN_CHUNKS = ChunkSchedule(largest=512, step=128)
@@ -166,6 +175,7 @@ def expert_loop(x: jax.Array, r: Routing, w: ExpertWeights, act: Activation,
     e = len(w.fc1) if per_expert else w.fc1.shape[0]
     k = r.expert_index.shape[-1]
     n = g * s * k
+    chunks = chunks.for_rows(n, e)
     expert = jnp.where(r.kept, r.expert_index, e).reshape(-1)  # dropped rows sort last and are never run
     order = jnp.argsort(expert, stable=True)
     rows = jnp.concatenate([x.reshape(g * s, d)[order // k], jnp.zeros((chunks.step, d), x.dtype)])
@@ -174,9 +184,9 @@ def expert_loop(x: jax.Array, r: Routing, w: ExpertWeights, act: Activation,
     dtype = x.dtype
     w = jax.tree.map(lambda a: a.astype(dtype), w)
     if per_expert:  # each expert's own buffers, one after another: no slice of a stack to copy (inference only)
-        out = _per_expert_forward(rows, ends - sizes, ends, w, act, chunks.for_rows(n))
+        out = _per_expert_forward(rows, ends - sizes, ends, w, act, chunks)
     else:
-        out = _looped_mlp(rows, ends - sizes, ends, w, act, chunks.for_rows(n))
+        out = _looped_mlp(rows, ends - sizes, ends, w, act, chunks)
     slot = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))  # sorted row of each assignment
     picked = out[slot].reshape(g, s, k, d)
     return jnp.einsum("gskd,gsk->gsd", picked, jnp.where(r.kept, r.gate, 0.0).astype(dtype))

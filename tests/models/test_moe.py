@@ -91,11 +91,28 @@ def test_expert_loop_covers_every_chunk_size():
     reference = jax.value_and_grad(loss(lambda x, w: dispatch.dense_reference(
         x, dispatch.combine_weights(r, e), w, jax.nn.gelu)), argnums=(0, 1))(x, w)
     bound = reduction_bound(g * s, chain=6)
-    for chunks in (dispatch.ChunkSchedule(64, 4), dispatch.ChunkSchedule(7, 7), dispatch.ChunkSchedule(24, 3)):
+    # (16, 1) runs coarsened to step 2 (`for_rows`: 200 rows over 3 experts), so a remainder reads a row past its end.
+    for chunks in (dispatch.ChunkSchedule(64, 4), dispatch.ChunkSchedule(7, 7), dispatch.ChunkSchedule(24, 3),
+                   dispatch.ChunkSchedule(16, 1)):
         got = jax.jit(jax.value_and_grad(loss(lambda x, w: dispatch.expert_loop(x, r, w, jax.nn.gelu, chunks)),
                                          argnums=(0, 1)))(x, w)
         assert_close(got[0], reference[0], bound, f"loss, chunks {chunks}")
         assert_trees_close(got[1], reference[1], bound, f"grads, chunks {chunks}")
+
+
+def test_chunk_steps_coarsen_only_where_experts_get_many_rows():
+    from clipup_jax.models.dispatch import INFERENCE_CHUNKS, TRAIN_CHUNKS, ChunkSchedule
+
+    assert ChunkSchedule(16, 1).for_rows(200, 3) == ChunkSchedule(16, 2)
+    assert INFERENCE_CHUNKS.for_rows(100, 8) == ChunkSchedule(112, 16)  # no chunk larger than the rows
+    assert INFERENCE_CHUNKS.for_rows(8 * 77 * 2, 8).step == 16  # B/16 text at batch 8: the finest step
+    for n in (8 * 197 * 2, 64 * 77 * 2, 64 * 197 * 2, 256 * 197 * 2, 10**7):
+        chunks = INFERENCE_CHUNKS.for_rows(n, 8)
+        assert chunks.step == 16 or chunks.step <= n / 8 / 32, (n, chunks)  # a remainder wastes < 1/32 of the rows
+        assert chunks.step <= 128 and 512 % chunks.step == 0, (n, chunks)
+    assert INFERENCE_CHUNKS.for_rows(256 * 197 * 2, 8).step == 128
+    assert TRAIN_CHUNKS.for_rows(10**7, 8) == TRAIN_CHUNKS
+    assert ChunkSchedule(7, 7).for_rows(10**7, 1) == ChunkSchedule(7, 7)
 
 
 @pytest.mark.parametrize("path", PATHS)
