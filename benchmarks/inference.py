@@ -9,9 +9,9 @@ dispatches only the tokens up to the EOT:
 dense ViT-B/16, CLIP-UP B/16 as `train.recipes.CLIPUP_PLAN` defines it (8 experts, top-2, every other block of
 both towers, dropless at eval, the dispatch `models/dispatcher.choose` picks), the same CLIP-UP with the capped
 path it replaced (eval capacity factor 2.0, `padded` buffers), dense L/14 and CLIP-UP L/14. Every (model,
-tower) call is timed once per repetition, all interleaved, so machine noise hits them alike; medians are
-reported. Before timing, CLIP-UP B/16's features are checked against the same weights on the `padded` path
-with the same (dropless) routing: a change of path must not change what the model computes.
+tower) call is timed once per repetition, right after an untimed call of itself, all interleaved, so machine noise
+hits them alike; medians are reported. Before timing, CLIP-UP B/16's features are checked against the same weights
+on the `padded` path with the same (dropless) routing: a change of path must not change what the model computes.
 """
 
 from __future__ import annotations
@@ -91,7 +91,12 @@ def check_paths(cfg: ModelConfig, batch: int) -> float:
 
 def measure(configs: dict[str, ModelConfig], batch: int, reps: int,
             dtype: Any = jnp.float32) -> dict[str, dict[str, float]]:
-    """Median seconds of each (model, tower) at `batch` in compute `dtype`, calls interleaved over `reps` rounds."""
+    """Median seconds of each (model, tower) at `batch` in compute `dtype`, interleaved over `reps` rounds.
+
+    Each timed call comes right after an untimed call of the same program, as when a data set is embedded batch
+    after batch: timed straight after another model's call, a call's time depends on which model that was
+    (RESULTS.md has the figures).
+    """
     calls = {}
     for name, cfg in configs.items():
         image, text, state = _encoders(cfg, host_params(cfg), dtype)
@@ -107,6 +112,7 @@ def measure(configs: dict[str, ModelConfig], batch: int, reps: int,
     times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
     for rep in range(reps):
         for key, (compiled, state, arg) in calls.items():
+            jax.block_until_ready(compiled(state, arg))
             started = time.perf_counter()
             jax.block_until_ready(compiled(state, arg))
             times[key].append(time.perf_counter() - started)
