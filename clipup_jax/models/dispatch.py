@@ -143,19 +143,24 @@ class ChunkSchedule:
         if not (0 < self.step <= self.largest and self.largest % self.step == 0):
             raise ValueError(f"ChunkSchedule({self.largest}, {self.step}): step must divide largest")
 
-    def for_rows(self, n: int, experts: int) -> ChunkSchedule:
-        """The schedule for `n` rows in all over `experts` experts.
+    def for_rows(self, n: int, experts: int, row_flops: int) -> ChunkSchedule:
+        """The schedule for `n` rows in all over `experts` experts whose MLP costs `row_flops` per row.
 
         No chunk is larger than the rows can fill (the compiled slices must fit). The step doubles, up to a
-        quarter of `largest`, while it stays within 1/32 of an expert's expected rows: a remainder chunk then
-        wastes under 1/32 of them, and experts with thousands of rows compile a few remainder sizes, not dozens.
+        quarter of `largest`, while the rows a remainder can waste stay within 1/32 of an expert's expected rows
+        or cost at most `WASTE_FLOPS`: experts with thousands of rows, or too narrow for a row to matter, compile a
+        few remainder sizes, not dozens.
         """
+        def cheap(step: int) -> bool:
+            return step <= n / experts / 32 or step * row_flops <= WASTE_FLOPS
+
         step = self.step
-        while 2 * step <= min(self.largest // 4, n / experts / 32) and self.largest % (2 * step) == 0:
+        while 2 * step <= self.largest // 4 and self.largest % (2 * step) == 0 and cheap(2 * step):
             step *= 2
         return ChunkSchedule(min(self.largest, -(-n // step) * step), step)
 
 
+WASTE_FLOPS = 2**22  # what a remainder's wasted rows may cost whatever their share: microseconds of one CPU core
 TRAIN_CHUNKS = ChunkSchedule(largest=512, step=128)
 INFERENCE_CHUNKS = ChunkSchedule(largest=512, step=16)
 
@@ -175,7 +180,8 @@ def expert_loop(x: jax.Array, r: Routing, w: ExpertWeights, act: Activation,
     e = len(w.fc1) if per_expert else w.fc1.shape[0]
     k = r.expert_index.shape[-1]
     n = g * s * k
-    chunks = chunks.for_rows(n, e)
+    hidden = w.fc1[0].shape[-1]  # expert 0's (D, F) kernel, stacked or not
+    chunks = chunks.for_rows(n, e, row_flops=4 * d * hidden)  # fc1 and fc2, 2 * D * F each
     expert = jnp.where(r.kept, r.expert_index, e).reshape(-1)  # dropped rows sort last and are never run
     order = jnp.argsort(expert, stable=True)
     rows = jnp.concatenate([x.reshape(g * s, d)[order // k], jnp.zeros((chunks.step, d), x.dtype)])

@@ -91,7 +91,7 @@ def test_expert_loop_covers_every_chunk_size():
     reference = jax.value_and_grad(loss(lambda x, w: dispatch.dense_reference(
         x, dispatch.combine_weights(r, e), w, jax.nn.gelu)), argnums=(0, 1))(x, w)
     bound = reduction_bound(g * s, chain=6)
-    # (16, 1) runs coarsened to step 2 (`for_rows`: 200 rows over 3 experts), so a remainder reads a row past its end.
+    # (16, 1) runs coarsened to step 4 (`for_rows`: narrow experts), so a remainder reads rows past its end.
     for chunks in (dispatch.ChunkSchedule(64, 4), dispatch.ChunkSchedule(7, 7), dispatch.ChunkSchedule(24, 3),
                    dispatch.ChunkSchedule(16, 1)):
         got = jax.jit(jax.value_and_grad(loss(lambda x, w: dispatch.expert_loop(x, r, w, jax.nn.gelu, chunks)),
@@ -100,19 +100,21 @@ def test_expert_loop_covers_every_chunk_size():
         assert_trees_close(got[1], reference[1], bound, f"grads, chunks {chunks}")
 
 
-def test_chunk_steps_coarsen_only_where_experts_get_many_rows():
-    from clipup_jax.models.dispatch import INFERENCE_CHUNKS, TRAIN_CHUNKS, ChunkSchedule
+def test_chunk_steps_coarsen_only_where_rows_are_many_or_cheap():
+    from clipup_jax.models.dispatch import INFERENCE_CHUNKS, TRAIN_CHUNKS, WASTE_FLOPS, ChunkSchedule
 
-    assert ChunkSchedule(16, 1).for_rows(200, 3) == ChunkSchedule(16, 2)
-    assert INFERENCE_CHUNKS.for_rows(100, 8) == ChunkSchedule(112, 16)  # no chunk larger than the rows
-    assert INFERENCE_CHUNKS.for_rows(8 * 77 * 2, 8).step == 16  # B/16 text at batch 8: the finest step
+    b16_text, b16_image, demo = 4 * 512 * 2048, 4 * 768 * 3072, 4 * 64 * 128  # FLOPs of an expert MLP row
+    assert INFERENCE_CHUNKS.for_rows(100, 8, b16_text) == ChunkSchedule(112, 16)  # no chunk larger than the rows
+    assert INFERENCE_CHUNKS.for_rows(8 * 77 * 2, 8, b16_text).step == 16  # B/16 text at batch 8: the finest step
+    assert INFERENCE_CHUNKS.for_rows(48 * 24 * 2, 8, demo).step == 128  # narrow experts: rows cost next to nothing
     for n in (8 * 197 * 2, 64 * 77 * 2, 64 * 197 * 2, 256 * 197 * 2, 10**7):
-        chunks = INFERENCE_CHUNKS.for_rows(n, 8)
+        chunks = INFERENCE_CHUNKS.for_rows(n, 8, b16_image)
         assert chunks.step == 16 or chunks.step <= n / 8 / 32, (n, chunks)  # a remainder wastes < 1/32 of the rows
         assert chunks.step <= 128 and 512 % chunks.step == 0, (n, chunks)
-    assert INFERENCE_CHUNKS.for_rows(256 * 197 * 2, 8).step == 128
-    assert TRAIN_CHUNKS.for_rows(10**7, 8) == TRAIN_CHUNKS
-    assert ChunkSchedule(7, 7).for_rows(10**7, 1) == ChunkSchedule(7, 7)
+    assert INFERENCE_CHUNKS.for_rows(256 * 197 * 2, 8, b16_image).step == 128
+    assert ChunkSchedule(512, 1).for_rows(64, 8, WASTE_FLOPS // 8).step == 8  # 8 rows of that width: the budget
+    assert TRAIN_CHUNKS.for_rows(10**7, 8, b16_image) == TRAIN_CHUNKS
+    assert ChunkSchedule(7, 7).for_rows(10**7, 1, 1) == ChunkSchedule(7, 7)
 
 
 @pytest.mark.parametrize("path", PATHS)
