@@ -133,7 +133,7 @@ class ChunkSchedule:
     Each chunk reads the expert's weights once, so one chunk per expert is what small batches want (at inference
     an expert's weights outweigh its few hundred rows); each remainder size is a branch of the compiled program,
     so a finer `step` wastes fewer rows but compiles more code (training's backward runs the schedule too).
-    `step` is the finest; `for_rows` coarsens it where experts get many rows.
+    `step` is the finest; `for_rows` coarsens it where experts get many rows or are narrow.
     """
 
     largest: int
