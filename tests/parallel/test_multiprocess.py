@@ -1,9 +1,9 @@
 """Multi-host for real: 2 local processes (4 CPU devices each, gloo collectives, explicit coordinator) train a
 tiny sparse CLIP with expert parallelism (mesh data=2 x expert=4 over the 8 global devices) through
-`clipup-train`, checkpoint, and resume in a second launch; the params and losses equal one process with 8 devices,
-with the workdir on local disk and in a gs:// bucket (the loopback emulator, found by both processes through the
-standard variables). One process `kill -9`ed: the other exits within a minute naming it, and a relaunch of both
-ends bitwise where an uninterrupted two-process run ends.
+`clipup-train`, checkpoint, and resume in a second launch; the params and losses equal one process with 8 devices, with the
+workdir in a gs:// bucket (the loopback emulator, found by both processes through the standard variables). One
+process `kill -9`ed: the other exits within a minute naming it, and a relaunch of both, from a workdir on local
+disk, ends bitwise where an uninterrupted two-process run ends.
 
 The reference is a plain `clipup-train` run of the same config in the test's own 8-device process, while the two
 processes run: each process reads its rows of the one global stream (rows [8p, 8p+8) of every batch of 16, which
@@ -21,7 +21,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from clipup_jax.checkpoints.format import load_checkpoint
 from clipup_jax.parallel.distributed import LOST_PEER_EXIT
@@ -109,18 +108,14 @@ def _tokenizer(directory: pathlib.Path) -> pathlib.Path:
 EMULATOR_VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
 
 
-@pytest.mark.parametrize("store", ["local", "gs"])
-def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path, store, request):
+def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path, gcs_bucket):  # noqa: F811
     import jax
 
     multiprocess_worker = _worker_module()
     tokenizer = _tokenizer(tmp_path)
     single = tmp_path / "single"
-    if store == "gs":
-        multi = as_path(request.getfixturevalue("gcs_bucket")) / "multi"
-        assert all(_env().get(k) == os.environ[k] for k in EMULATOR_VARIABLES)  # both processes see the emulator
-    else:
-        multi = tmp_path / "multi"
+    multi = as_path(gcs_bucket) / "multi"
+    assert all(_env().get(k) == os.environ[k] for k in EMULATOR_VARIABLES)  # both processes see the emulator
 
     first = _start(_multi(multi, 2, tokenizer, "first", tmp_path))
     try:  # the reference meanwhile, here: this process has the 8 CPU devices of one host (conftest)
