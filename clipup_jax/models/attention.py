@@ -25,11 +25,9 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, causal: bool) -> jax.Array:
         d = self.dtype
-        # The projection in the kernel's own layout, then heads-major (s, b, h, t, k) so both attention matmuls
-        # batch over leading axes. Asked for heads-major output directly, XLA:CPU transposes the kernel and the
-        # input on every call instead.
-        qkv = jnp.einsum("btd,dshk->btshk", x.astype(d), self.qkv_kernel[...].astype(d)) + self.qkv_bias[...].astype(d)
-        qkv = qkv.transpose(2, 0, 3, 1, 4)
+        # Heads-major (b, h, t, k) from the projection on: both attention matmuls then batch over leading axes.
+        qkv = jnp.einsum("btd,dshk->sbhtk", x.astype(d), self.qkv_kernel[...].astype(d))
+        qkv = qkv + self.qkv_bias[...].astype(d)[:, None, :, None]
         y = attention(qkv[0], qkv[1], qkv[2], causal)
         return jnp.einsum("bhtk,hkd->btd", y, self.out_kernel[...].astype(d)) + self.out_bias[...].astype(d)
 
