@@ -210,14 +210,15 @@ def section(quick: bool = False, batches: tuple[int, ...] | None = None, reps: i
         seconds = {name: {tower: statistics.median(run[name][tower] for run in runs) for tower in TOWERS}
                    for name in configs}
         lines += table(configs, batch, seconds)
-        # Text goals are on full-length captions, where the FLOPs floor holds.
-        targets = [(tower, "dense B/16", GOAL_VS_DENSE) for tower in ("image", "text")]
-        targets += [("image", "dense L/14", GOAL_VS_L14)] if "dense L/14" in seconds else []
-        for tower, base, goal in targets if "CLIP-UP B/16" in seconds else ():
+        # (tower, base model, goal, values key); text goals are on full-length captions, where the FLOPs floor holds.
+        targets = [(tower, "dense B/16", GOAL_VS_DENSE, f"clipup_b16_{tower}_vs_dense_b{batch}")
+                   for tower in ("image", "text")]
+        if "dense L/14" in seconds:
+            targets.append(("image", "dense L/14", GOAL_VS_L14, f"clipup_b16_image_vs_l14_b{batch}"))
+        for tower, base, goal, key in targets if "CLIP-UP B/16" in seconds else ():
             interval, ratios = ratio_over_processes(runs, tower, "CLIP-UP B/16", base)
             upper = interval.high if interval.n > 1 else interval.mean
-            key = "vs_l14" if base == "dense L/14" else "vs_dense"
-            values[f"clipup_b16_{tower}_{key}_b{batch}"] = interval.mean
+            values[key] = interval.mean
             flops = (f" (FLOPs {image_flops(configs['CLIP-UP B/16']) / image_flops(configs[base]):.2f}x)"
                      if base == "dense L/14" else "")
             goals.append(Goal(f"CLIP-UP B/16 {tower} time <= {goal:.2f}x {base} (batch {batch}{judged})",

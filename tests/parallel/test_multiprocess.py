@@ -1,9 +1,9 @@
 """Multi-host for real: 2 local processes (4 CPU devices each, gloo collectives, explicit coordinator) train a
 tiny sparse CLIP with expert parallelism (mesh data=2 x expert=4 over the 8 global devices) through
-`clipup-train`, checkpoint, and resume in a second launch; the params and losses equal one process with 8 devices, with the
-workdir in a gs:// bucket (the loopback emulator, found by both processes through the standard variables). One
-process `kill -9`ed: the other exits within a minute naming it, and a relaunch of both, from a workdir on local
-disk, ends bitwise where an uninterrupted two-process run ends.
+`clipup-train`, checkpoint, and resume in a second launch; the params and losses equal one process with 8
+devices, with the workdir in a gs:// bucket (the loopback emulator, found by both processes through the standard
+variables). One process `kill -9`ed: the other exits within a minute naming it, and a relaunch of both, from a
+workdir on local disk, ends bitwise where an uninterrupted two-process run ends.
 
 The reference is a plain `clipup-train` run of the same config in the test's own 8-device process, while the two
 processes run: each process reads its rows of the one global stream (rows [8p, 8p+8) of every batch of 16, which
