@@ -231,7 +231,9 @@ def section(quick: bool = False, batches: tuple[int, ...] | None = None, reps: i
                    goals, values)
 
 
-NOTES = ("FLOPs are `models/flops.py`'s active forward FLOPs (top-k experts per token) over every text position. The "
+NOTES = ("FLOPs are `models/flops.py`'s active forward FLOPs (top-k experts per token) over every text position, "
+         "counting every row of the last block, which both towers compute only for the row they pool (its keys and "
+         "values aside): the time skips more of CLIP-UP's count there, two experts' MLP per skipped row. The "
          "capped row is what CLIP-UP ran before the dispatch decision: buffers of eval capacity factor 2.0 hold twice "
          "the routed tokens, and every slot is computed whether a token fills it or not. Text time is on captions "
          f"that use all positions; the {SHORT_CAPTION}-token columns are captions of that length padded with zeros: a "

@@ -53,6 +53,12 @@ class Dispatcher:
     def expert_parallel(self) -> bool:
         return self.expert_axis_size > 1 and self.kind == "padded"
 
+    @property
+    def row_local(self) -> bool:
+        """Whether a token's output depends on that token alone (dropless token choice), so that computing only
+        some tokens' outputs gives them exactly (a tower's last block computes only the row it pools)."""
+        return self.capacity_factor is None and self.kind != "expert_choice"
+
     def describe(self) -> str:
         capacity = "dropless" if self.capacity_factor is None else f"capacity {self.capacity_factor:g}"
         if self.expert_parallel:

@@ -65,11 +65,21 @@ class Block(nnx.Module):
         else:
             self.mlp = MoeMlp(width, mlp_dim, depth, activation, moe, rngs, dtype)
 
-    def __call__(self, x: jax.Array, causal: bool, records: tuple[str, ...] = (), routed: jax.Array | None = None
-                 ) -> tuple[jax.Array, Record]:
+    def row_local(self) -> bool:
+        """Whether each row's MLP output depends on that row alone in the current mode (a dense MLP, or a MoE
+        whose dispatch is `row_local`): then computing only some rows' outputs gives them exactly."""
+        return not isinstance(self.mlp, MoeMlp) or self.mlp.current_dispatcher().row_local
+
+    def __call__(self, x: jax.Array, causal: bool, records: tuple[str, ...] = (), routed: jax.Array | None = None,
+                 pool: jax.Array | None = None) -> tuple[jax.Array, Record]:
         """The block's output and what `records` asks of it ("moe" only where the MLP is one); `routed` as
-        `MoeMlp.forward` takes it."""
-        x = x + self.attn(self.ln_1(x), causal)
+        `MoeMlp.forward` takes it. With `pool` (B,) positions, the output at those rows only, (B, 1, D) (exact
+        where `row_local()`): their attention still reads every row."""
+        if pool is None:
+            x = x + self.attn(self.ln_1(x), causal)
+        else:
+            x = x[jnp.arange(x.shape[0]), pool][:, None] + self.attn(self.ln_1(x), causal, queries=pool)
+            routed = None  # the rows left are the pooled ones, which are routed
         h = self.ln_2(x)
         record = {"mlp_input": h} if "mlp_input" in records else {}
         if isinstance(self.mlp, MoeMlp):
@@ -187,41 +197,55 @@ class Encoder(nnx.Module):
             nnx.List([_stacked([blocks[seg.block(j, r)] for r in range(seg.repeats)]) for j in range(seg.period)])
             for seg in self.segments])
 
-    def __call__(self, x: jax.Array, causal: bool, routed: jax.Array | None = None
+    def __call__(self, x: jax.Array, causal: bool, routed: jax.Array | None = None, pool: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[int, Record]]:
         """The blocks' output and, per block index, what `self.records` asks (empty dicts when nothing is).
-        `routed` (B, L) bool: the tokens MoE blocks dispatch at inference (`MoeMlp.forward`; None: all)."""
+        `routed` (B, L) bool: the tokens MoE blocks dispatch at inference (`MoeMlp.forward`; None: all).
+
+        `pool` (B,): the one position per sample the caller reads; the output is then those rows, (B, D). The
+        last block computes only them (its keys and values still come from every row) unless records are asked
+        (they describe every row) or its MLP is not `row_local` (a capacity makes rows compete for slots).
+        """
         unknown = set(self.records) - set(RECORDS)
         if unknown:
             raise ValueError(f"records {sorted(unknown)}: expected some of {', '.join(RECORDS)}")
+        last = self.layers[-1][-1]
+        pooled = pool is not None and not self.records and (last[-1] if isinstance(last, nnx.List) else last).row_local()
         records: dict[int, Record] = {}
-        for seg, stack in zip(self.segments, self.layers):
-            x, per_block = self._segment(seg, list(stack), x, causal, routed)
+        for i, (seg, stack) in enumerate(zip(self.segments, self.layers)):
+            final = pooled and i == len(self.segments) - 1
+            x, per_block = self._segment(seg, list(stack), x, causal, routed, pool if final else None)
             records.update(per_block)
-        return x, records
+        if pool is None:
+            return x, records
+        return (x[:, 0] if pooled else x[jnp.arange(x.shape[0]), pool]), records
 
-    def _segment(self, seg: Segment, stack: list[Block], x: jax.Array, causal: bool, routed: jax.Array | None
-                 ) -> tuple[jax.Array, dict[int, Record]]:
+    def _segment(self, seg: Segment, stack: list[Block], x: jax.Array, causal: bool, routed: jax.Array | None,
+                 pool: jax.Array | None) -> tuple[jax.Array, dict[int, Record]]:
         """One segment as a pure function of its stacked state: a `lax.scan` over the repeats (scan=True) or a
-        python loop over them, each period checkpointed under the remat policy. Afterwards the stacked blocks get
-        back the non-Param state the call changed (router-noise RNG counters, in training)."""
+        python loop over them, each period checkpointed under the remat policy; the last block only at `pool`
+        where that is given (the scan then stops a period short). Afterwards the stacked blocks get back the
+        non-Param state the call changed (router-noise RNG counters, in training)."""
+        def at(j: int, r: int) -> jax.Array | None:  # the pooled rows, at the segment's last block only
+            return pool if (j, r) == (seg.period - 1, seg.repeats - 1) else None
+
         if isinstance(stack[0], nnx.List):  # split for inference (`for_inference`): each layer its own Block
             records: dict[int, Record] = {}
             for r in range(seg.repeats):
                 for j, layers in enumerate(stack):
-                    x, records[seg.block(j, r)] = layers[r](x, causal, self.records, routed)
+                    x, records[seg.block(j, r)] = layers[r](x, causal, self.records, routed, at(j, r))
             return x, records
         splits = [nnx.split(block, nnx.Param, ...) for block in stack]
         graphdefs = [g for g, _, _ in splits]
         changed: list[list[tuple]] = [[] for _ in stack]  # filled while tracing: which non-Param leaves advanced
         asked = self.records
 
-        def period(h, states):
+        def period(h, states, last_pool=None):
             new_rest, recs = [], []
             for j, (graphdef, (params, rest)) in enumerate(zip(graphdefs, states)):
                 block = nnx.merge(graphdef, params, rest)
                 before = [var.get_value() for _, var in nnx.to_flat_state(nnx.state(block, nnx.Not(nnx.Param)))]
-                h, rec = block(h, causal, asked, routed)
+                h, rec = block(h, causal, asked, routed, last_pool if j == len(states) - 1 else None)
                 after = nnx.to_flat_state(nnx.state(block, nnx.Not(nnx.Param)))
                 updates = [(path, var.get_value()) for (path, var), old in zip(after, before)
                            if var.get_value() is not old]
@@ -230,22 +254,28 @@ class Encoder(nnx.Module):
                 recs.append(rec)
             return h, (new_rest, recs)
 
-        scanned = self.scan and seg.repeats > 1
+        scanned = self.scan and seg.repeats > (1 if pool is None else 2)
         if self.remat != "none":
             period = jax.checkpoint(period, policy=remat_policy(self.remat), prevent_cse=not scanned)
         states = [(p, r) for _, p, r in splits]
+        leaves, treedef = jax.tree.flatten(states)
         if scanned:
-            x, (new_rest, recs) = jax.lax.scan(period, x, states)
+            scanned_repeats = seg.repeats - (pool is not None)
+            head = [jax.lax.split(a, (scanned_repeats, seg.repeats - scanned_repeats)) for a in leaves]
+            x, (new_rest, recs) = jax.lax.scan(period, x, treedef.unflatten([h for h, _ in head]))
             records = {seg.block(j, r): jax.tree.map(lambda a, r=r: a[r], recs[j])
-                       for j in range(seg.period) for r in range(seg.repeats)}
+                       for j in range(seg.period) for r in range(scanned_repeats)}
+            if pool is not None:  # the last period, off the scan: its carry changes shape
+                x, (rest, recs) = period(x, treedef.unflatten([t[0] for _, t in head]), pool)
+                new_rest = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), new_rest, rest)
+                records.update({seg.block(j, scanned_repeats): rec for j, rec in enumerate(recs)})
         else:
             rests, records = [], {}
             # One `lax.split` per leaf, not a slice per repeat: its transpose is one concatenate of the repeats'
             # gradients (a slice's is a pad to the whole stack, summed over the repeats).
-            leaves, treedef = jax.tree.flatten(states)
             pieces = [jax.lax.split(a, (1,) * seg.repeats) for a in leaves]
             for r in range(seg.repeats):
-                x, (rest, recs) = period(x, treedef.unflatten([p[r][0] for p in pieces]))
+                x, (rest, recs) = period(x, treedef.unflatten([p[r][0] for p in pieces]), at(seg.period - 1, r))
                 rests.append(rest)
                 records.update({seg.block(j, r): rec for j, rec in enumerate(recs)})
             new_rest = jax.tree.map(lambda *xs: jnp.stack(xs), *rests)

@@ -55,6 +55,12 @@ class MoeMlp(nnx.Module):
             setattr(self, name, nnx.List([param.replace(param[...][e], logical_axes=param.logical_axes[1:])
                                           for e in range(self.plan.num_experts)]))
 
+    def current_dispatcher(self) -> dispatcher.Dispatcher:
+        """How this layer moves its tokens in its current mode (training or inference) on the current mesh."""
+        mesh = jax.sharding.get_abstract_mesh()
+        return dispatcher.choose(self.plan, train=not self.deterministic,
+                                 mesh_shape=dict(zip(mesh.axis_names, mesh.axis_sizes)))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (G, S, D), one routing group per sample."""
         return self.forward(x)[0]
@@ -71,8 +77,7 @@ class MoeMlp(nnx.Module):
         g, s, _ = x.shape
         e = plan.num_experts
         train = not self.deterministic
-        mesh = jax.sharding.get_abstract_mesh()
-        chosen = dispatcher.choose(plan, train=train, mesh_shape=dict(zip(mesh.axis_names, mesh.axis_sizes)))
+        chosen = self.current_dispatcher()
         factor = chosen.capacity_factor
         logits = x.astype(jnp.float32) @ self.router_kernel[...].astype(jnp.float32)
         act, w = activation_fn(self.activation), self.weights()

@@ -59,9 +59,10 @@ class VisionTower(nnx.Module):
             x = x + pos
         if self.ln_pre is not None:
             x = self.ln_pre(x)
-        x, records = self.encoder(x, causal=False)
         if cfg.pool == "tok":  # LayerNorm is per token: normalising only the pooled one is exact
-            return self.proj(self.ln_post(x[:, 0])), records
+            cls, records = self.encoder(x, causal=False, pool=jnp.zeros((b,), jnp.int32))
+            return self.proj(self.ln_post(cls)), records
+        x, records = self.encoder(x, causal=False)
         if cfg.ln_post_after_pool:
             return self.proj(self.ln_post(x[:, int(cfg.class_token):].mean(axis=1))), records
         return self.proj(self.ln_post(x)[:, int(cfg.class_token):].mean(axis=1)), records
@@ -113,7 +114,7 @@ class TextTower(nnx.Module):
         length = tokens.shape[1]
         x = jnp.take(self.token_embed[...], tokens, axis=0).astype(self.dtype)
         x = x + self.pos_embed[...][:length].astype(self.dtype)
-        x, records = self.encoder(x, causal=cfg.causal, routed=routed_tokens(cfg, tokens))
         # LayerNorm is per token, so pooling before ln_final is exact and B x fewer rows to normalise.
-        pooled = x[jnp.arange(x.shape[0]), text_pool_index(cfg, tokens)]
+        pooled, records = self.encoder(x, causal=cfg.causal, routed=routed_tokens(cfg, tokens),
+                                       pool=text_pool_index(cfg, tokens))
         return self.proj(self.ln_final(pooled)), records
