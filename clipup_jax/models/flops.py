@@ -6,6 +6,8 @@ figures equal open_clip's published model profile (tests/models/test_flops.py).
 For sparse towers the figures are *active* FLOPs: in a MoE block each token pays the router
 matmul and the MLPs of the experts it reaches (top-k; for expert choice the experts' C slots
 spread over the tokens), at the eval capacity. `dense_equivalent` gives the model to compare with.
+Every row of every block is counted, as the usual accounting does, though at inference a tower's last block
+computes only the row it pools (`Encoder`).
 """
 
 from __future__ import annotations
