@@ -209,8 +209,9 @@ class Encoder(nnx.Module):
         unknown = set(self.records) - set(RECORDS)
         if unknown:
             raise ValueError(f"records {sorted(unknown)}: expected some of {', '.join(RECORDS)}")
-        last = self.layers[-1][-1]
-        pooled = pool is not None and not self.records and (last[-1] if isinstance(last, nnx.List) else last).row_local()
+        last = self.layers[-1][-1]  # the last segment's last position: a stack, or its blocks once split
+        last = last[-1] if isinstance(last, nnx.List) else last
+        pooled = pool is not None and not self.records and last.row_local()
         records: dict[int, Record] = {}
         for i, (seg, stack) in enumerate(zip(self.segments, self.layers)):
             final = pooled and i == len(self.segments) - 1
@@ -260,15 +261,18 @@ class Encoder(nnx.Module):
         states = [(p, r) for _, p, r in splits]
         leaves, treedef = jax.tree.flatten(states)
         if scanned:
-            scanned_repeats = seg.repeats - (pool is not None)
-            head = [jax.lax.split(a, (scanned_repeats, seg.repeats - scanned_repeats)) for a in leaves]
-            x, (new_rest, recs) = jax.lax.scan(period, x, treedef.unflatten([h for h, _ in head]))
+            body = seg.repeats - (pool is not None)  # a pooling last period runs off the scan: its carry shrinks
+            head = states
+            if pool is not None:
+                pieces = [jax.lax.split(a, (body, 1)) for a in leaves]
+                head = treedef.unflatten([p[0] for p in pieces])
+            x, (new_rest, recs) = jax.lax.scan(period, x, head)
             records = {seg.block(j, r): jax.tree.map(lambda a, r=r: a[r], recs[j])
-                       for j in range(seg.period) for r in range(scanned_repeats)}
-            if pool is not None:  # the last period, off the scan: its carry changes shape
-                x, (rest, recs) = period(x, treedef.unflatten([t[0] for _, t in head]), pool)
+                       for j in range(seg.period) for r in range(body)}
+            if pool is not None:
+                x, (rest, recs) = period(x, treedef.unflatten([p[1][0] for p in pieces]), pool)
                 new_rest = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), new_rest, rest)
-                records.update({seg.block(j, scanned_repeats): rec for j, rec in enumerate(recs)})
+                records.update({seg.block(j, body): rec for j, rec in enumerate(recs)})
         else:
             rests, records = [], {}
             # One `lax.split` per leaf, not a slice per repeat: its transpose is one concatenate of the repeats'
