@@ -11,18 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clipup_jax.config import ModelConfig, MoEPlan, TextConfig, VisionConfig
+from clipup_jax.config import ModelConfig, MoEPlan
 from clipup_jax.models import CLIP
 from clipup_jax.models.attention import SelfAttention
 from clipup_jax.models.encoder import for_inference
-from tests.numerics import assert_close, reduction_bound
+from tests.models.test_scan import FAST_COMPILE, FWD_BOUND as BOUND, TEXT, VISION
+from tests.numerics import assert_close
 
-VISION = VisionConfig(image_size=16, patch_size=8, width=32, depth=4, heads=2, mlp_dim=64)
-TEXT = TextConfig(vocab_size=64, context_length=8, width=32, depth=4, heads=2, mlp_dim=64)
 DROPLESS = MoEPlan(layers="every_2", num_experts=4, top_k=2, eval_capacity_factor=None)
 CAPPED = dataclasses.replace(DROPLESS, eval_capacity_factor=1.0)
-BOUND = reduction_bound(8 * 8 * 3, chain=4 * 4 + 4)
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _model(plan: MoEPlan | None, scan: bool = False) -> CLIP:
