@@ -36,6 +36,14 @@ before the first thread, so only the long-running entry points (clipup-train, cl
    closes the moment its process dies; process 0 tells the others which one went, and each says so in one line
    and exits (`parallel/distributed.py`). A clean exit says goodbye first. JAX's heartbeat stays the backstop for
    a host that vanishes without closing its connections.
+6. **Reads that finish after Orbax's restore gave up** (orbax-checkpoint 0.12.8, tensorstore 0.1.86): when one
+   array of a restore fails to read (a damaged checkpoint, which `TrainCheckpoints.restore` then falls back from),
+   Orbax's `asyncio` loop ends with that error and is closed while the other arrays' reads are still in flight. As
+   each finishes, TensorStore's awaitable calls `call_soon_threadsafe` on the closed loop from its own thread, and
+   Python printed the `RuntimeError: Event loop is closed` as "Exception ignored in: None" with a traceback, up to
+   one per array, after the fallback's warning had said what happened. Those are dropped
+   (`is_closed_loop_completion`: that error, raised in that asyncio method and reported by native code); every
+   other unraisable exception is reported as before.
 """
 
 from __future__ import annotations
@@ -54,9 +62,10 @@ _M_ARENA_MAX = -8  # glibc's mallopt parameter number
 
 
 def apply() -> None:
-    """Installs work-arounds 1 and 2 (idempotent)."""
+    """Installs work-arounds 1, 2 and 6 (idempotent)."""
     plug_tensorstore_to_json()
     _mark_absl_flags_parsed()
+    quiet_closed_loop_completions()
 
 
 # --- 1. TensorStore Spec.to_json() leak -------------------------------------------------------------------------
@@ -252,3 +261,32 @@ class PeerWatch:
             with contextlib.suppress(OSError):
                 conn.sendall(b"bye\n")
                 conn.close()
+
+
+# --- 6. reads that finish after a failed restore ----------------------------------------------------------------
+
+def is_closed_loop_completion(unraisable: Any) -> bool:
+    """Whether an unraisable exception (`sys.unraisablehook`'s argument) is a TensorStore future telling a closed
+    event loop that it finished: `RuntimeError('Event loop is closed')` raised in asyncio's `call_soon_threadsafe`
+    and reported without an object, as native code reports it (Python's own reports name the `__del__` or
+    callback they came from)."""
+    tb = unraisable.exc_traceback
+    return (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+            and unraisable.object is None and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
+class _QuietClosedLoops:
+    """`sys.unraisablehook` minus `is_closed_loop_completion`'s reports."""
+
+    def __init__(self, previous: Callable[[Any], None]):
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:
+        if not is_closed_loop_completion(unraisable):
+            self.previous(unraisable)
+
+
+def quiet_closed_loop_completions() -> None:
+    """Puts `_QuietClosedLoops` in front of the current `sys.unraisablehook` (idempotent)."""
+    if not isinstance(sys.unraisablehook, _QuietClosedLoops):
+        sys.unraisablehook = _QuietClosedLoops(sys.unraisablehook)
