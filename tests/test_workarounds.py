@@ -220,7 +220,6 @@ def test_futures_finishing_on_a_closed_loop_are_dropped_and_nothing_else(tmp_pat
     reported: list = []  # what reaches the hook the filter wraps
     monkeypatch.setattr(sys, "unraisablehook", reported.append)
     workarounds.quiet_closed_loop_completions()
-    workarounds.quiet_closed_loop_completions()  # idempotent: one filter
     quiet = sys.unraisablehook
     arrived: list = []  # everything Python reports, before the filter
     monkeypatch.setattr(sys, "unraisablehook", lambda u: (arrived.append(u), quiet(u)))
