@@ -21,6 +21,7 @@ from clipup_jax.train.run import run_experiment
 from clipup_jax.train.health import NonFiniteLoss
 from clipup_jax.train.trainer import lower_train_step
 from tests.cli_helpers import invoke
+from tests.damage import truncate_array_data
 
 TINY = ModelConfig(vision=VisionConfig(image_size=16, patch_size=8, width=32, depth=2, heads=2, mlp_dim=64),
                    text=TextConfig(vocab_size=768, context_length=16, width=32, depth=2, heads=2, mlp_dim=64),
@@ -179,10 +180,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path):
     restores the previous complete step, and finishes; the damaged step is never loaded as garbage."""
     run_experiment(_config(steps=6), tmp_path / "run")  # saves at 3 and 6
     damaged = tmp_path / "run" / "checkpoints" / "6" / "state"
-    data_files = [p for p in damaged.rglob("*") if p.is_file() and p.stat().st_size > 64 and "d" in p.parts]
-    assert data_files, sorted(str(p) for p in damaged.rglob("*"))
-    for f in data_files:
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    assert truncate_array_data(damaged), sorted(str(p) for p in damaged.rglob("*"))
     with pytest.warns(UserWarning, match="step 6 .* unreadable"):
         history = run_experiment(_config(steps=7), tmp_path / "run")
     assert [h["step"] for h in history["train"]] == [4, 5, 6, 7]
@@ -190,9 +188,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path):
 
 def test_loading_a_workdir_skips_a_damaged_step(tmp_path):
     run_experiment(_config(steps=6), tmp_path / "run")
-    for f in (tmp_path / "run" / "checkpoints" / "6" / "state").rglob("*"):
-        if f.is_file() and f.stat().st_size > 64 and "d" in f.parts:
-            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    truncate_array_data(tmp_path / "run" / "checkpoints" / "6" / "state")
     with pytest.warns(UserWarning, match="trying an earlier step"):
         ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt.metadata["step"] == 3
