@@ -36,8 +36,8 @@ import time
 
 RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 # Run by default, in this order (cheap first). Modules that do not exist yet are left out.
-DEFAULT = ("tokenizer", "synthetic_data", "data_pipeline", "moe_layer", "train_step", "peer", "scaling",
-           "contrastive_loss", "compile_time", "upcycle", "inference", "storage")
+DEFAULT = ("tokenizer", "synthetic_data", "data_pipeline", "moe_layer", "expert_loop", "train_step", "peer",
+           "scaling", "contrastive_loss", "compile_time", "upcycle", "inference", "storage")
 # Only with --only: soak runs ~20 min, host_memory ~15; accelerator is for GPU/TPU hosts (on CPU: smoke mode).
 OPT_IN = ("soak", "host_memory", "accelerator")
 SUMMARY = "Summary: goals of issue 7"
