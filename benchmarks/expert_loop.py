@@ -4,8 +4,8 @@ and the dense MLP the layer was upcycled from.
     python -m benchmarks.expert_loop [--batch 8] [--rounds 30] [--quick]
 
 At ViT-B/16's text and image shapes (batch x tokens x width inputs), one `MoeMlp` of `train.recipes.CLIPUP_PLAN`
-as `for_inference` runs it (each expert in buffers of its own, the dropless `expert_loop`), random weights with a
-N(0, 0.02) router as `benchmarks/inference.py` draws them, is timed against, interleaved:
+as `for_inference` runs it (each expert in buffers of its own, the dropless `expert_loop`; a N(0, 0.02) router, as
+`benchmarks/inference.py` draws its weights), is timed against, interleaved:
 
 * dense MLP: the block's MLP before upcycling. The layer's expert matmuls are top_k times its FLOPs;
 * exact slices: the same routing, sort, gather and combine, with each expert's MLP on exactly its rows, as static
@@ -59,12 +59,14 @@ def _route(moe: MoeMlp, x: jax.Array) -> Routing:
                                              batch_priority=plan.batch_priority))(logits)
 
 
-def _exact(moe: MoeMlp, sizes: np.ndarray, with_mlps: bool) -> Callable[[jax.Array], jax.Array]:
-    """The layer with each expert's rows as static slices [bounds[e], bounds[e + 1]) of the sorted rows."""
-    act, w, e = activation_fn(ACTIVATION), moe.weights(), moe.plan.num_experts
+def _exact(graphdef: nnx.GraphDef, sizes: np.ndarray, with_mlps: bool) -> Callable:
+    """The layer of `graphdef` with each expert's rows as static slices [bounds[e], bounds[e + 1]) of the sorted
+    rows; called as (state, x), like the layer."""
     bounds = np.concatenate([[0], np.cumsum(sizes)])
 
-    def layer(x):
+    def layer(state, x):
+        moe = nnx.merge(graphdef, state)
+        act, w, e = activation_fn(moe.activation), moe.weights(), moe.plan.num_experts
         g, s, d = x.shape
         r = _route(moe, x)
         k = r.expert_index.shape[-1]
@@ -79,6 +81,10 @@ def _exact(moe: MoeMlp, sizes: np.ndarray, with_mlps: bool) -> Callable[[jax.Arr
     return jax.jit(layer)
 
 
+def _module(graphdef: nnx.GraphDef) -> Callable:
+    return jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+
+
 def measure(width: int, mlp_dim: int, tokens: int, batch: int, rounds: int) -> dict:
     """Per program: median ms, mean cores busy, and the mean ratio to the dense MLP (t interval); expert loads."""
     moe, mlp = _layer(width, mlp_dim, depth=12)
@@ -86,9 +92,12 @@ def measure(width: int, mlp_dim: int, tokens: int, batch: int, rounds: int) -> d
     r = _route(moe, x)
     sizes = np.bincount(np.asarray(jnp.where(r.kept, r.expert_index, -1)).ravel() + 1,
                         minlength=CLIPUP_PLAN.num_experts + 1)[1:]
-    programs = {"dense MLP": jax.jit(lambda x: mlp(x)), "MoE layer": jax.jit(lambda x: moe(x)),
-                "exact slices": _exact(moe, sizes, with_mlps=True), "routing only": _exact(moe, sizes, with_mlps=False)}
-    layer, exact = np.asarray(programs["MoE layer"](x)), np.asarray(programs["exact slices"](x))
+    (moe_def, moe_state), (mlp_def, mlp_state) = nnx.split(moe), nnx.split(mlp)
+    # Parameters are arguments, as in a tower (not constants folded into the program).
+    programs = {"dense MLP": (_module(mlp_def), mlp_state), "MoE layer": (_module(moe_def), moe_state),
+                "exact slices": (_exact(moe_def, sizes, with_mlps=True), moe_state),
+                "routing only": (_exact(moe_def, sizes, with_mlps=False), moe_state)}
+    layer, exact = (np.asarray(fn(state, x)) for fn, state in (programs["MoE layer"], programs["exact slices"]))
     if not np.allclose(layer, exact, rtol=1e-4, atol=1e-5):  # the floor must compute what the layer does
         raise AssertionError(f"exact slices differ from the MoE layer by {np.abs(layer - exact).max():.2e}")
     evict = jax.jit(lambda a: a + 1, donate_argnums=0)
@@ -96,10 +105,10 @@ def measure(width: int, mlp_dim: int, tokens: int, batch: int, rounds: int) -> d
     wall: dict[str, list[float]] = {p: [] for p in programs}
     cpu: dict[str, list[float]] = {p: [] for p in programs}
     for _ in range(rounds):
-        for name, fn in programs.items():
+        for name, (fn, state) in programs.items():
             junk = jax.block_until_ready(evict(junk))
             start, start_cpu = time.perf_counter(), time.process_time()
-            jax.block_until_ready(fn(x))
+            jax.block_until_ready(fn(state, x))
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
     dense = np.array(wall["dense MLP"])
