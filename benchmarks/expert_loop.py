@@ -35,7 +35,7 @@ from clipup_jax.config import preset
 from clipup_jax.evaluate.stats import CONFIDENCE, Interval, mean_interval
 from clipup_jax.models.layers import Mlp, activation_fn
 from clipup_jax.models.moe import MoeMlp
-from clipup_jax.models.routing import Routing, capacity, top_k_routing
+from clipup_jax.models.routing import Routing, assignment_counts, capacity, top_k_routing
 from clipup_jax.train.recipes import CLIPUP_PLAN
 
 PROGRAMS = ("dense MLP", "MoE layer", "exact slices", "routing only")
@@ -90,8 +90,7 @@ def measure(width: int, mlp_dim: int, tokens: int, batch: int, rounds: int) -> d
     moe, mlp = _layer(width, mlp_dim, depth=12)
     x = jax.random.normal(jax.random.key(2), (batch, tokens, width), jnp.float32)
     r = _route(moe, x)
-    sizes = np.bincount(np.asarray(jnp.where(r.kept, r.expert_index, -1)).ravel() + 1,
-                        minlength=CLIPUP_PLAN.num_experts + 1)[1:]
+    sizes = np.asarray(assignment_counts(r, CLIPUP_PLAN.num_experts)).sum(0)  # (G, E) kept rows -> per expert
     (moe_def, moe_state), (mlp_def, mlp_state) = nnx.split(moe), nnx.split(mlp)
     # Parameters are arguments, as in a tower (not constants folded into the program).
     programs = {"dense MLP": (_module(mlp_def), mlp_state), "MoE layer": (_module(moe_def), moe_state),
